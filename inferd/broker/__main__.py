@@ -1,0 +1,3 @@
+from inferd.broker.process import main
+
+main()

@@ -1,0 +1,524 @@
+"""The broker's logic: admission, queueing, dispatch by credits, streaming, failure.
+
+:class:`BrokerCore` owns every request from SUBMIT to its one final reply. It
+holds no sockets: the process loop (``inferd.broker.process``) decodes frames,
+calls a handler here, and the core answers through a :class:`Transport`. That
+split keeps this module testable with a recording transport and a fake clock,
+and keeps the loop a thin shell (vLLM's engine core / core client split).
+
+The invariant this module exists to keep: every accepted request gets exactly
+one final reply (DONE or ERROR), whatever dies. All finals go through
+:meth:`BrokerCore._finish`, which refuses to send a second one.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from inferd import __version__, protocol as P, runtimes
+from inferd.config import Config, DeploymentConfig
+from inferd.errors import ErrorCode
+from inferd.metrics import DeploymentMetrics
+from inferd.queue import BoundedPriorityQueue, Entry, QueueFull
+from inferd.routing import LeastOutstanding, RoutingPolicy
+
+log = logging.getLogger("inferd.broker")
+
+# A request may be dispatched this many times: once, plus once more if its
+# first worker died before streaming anything.
+MAX_DISPATCHES = 2
+
+
+class Transport(Protocol):
+    def to_client(self, client: bytes, command: bytes, body: dict[str, Any]) -> None: ...
+
+    def to_worker(self, worker: str, command: bytes, body: dict[str, Any]) -> None: ...
+
+    def to_supervisor(self, command: bytes, body: dict[str, Any]) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    rid: int
+    client: bytes
+    cid: Any                      # the client's own request id
+    deployment: "Deployment"
+    prompt: str
+    params: dict[str, Any]
+    priority: int
+    affinity: str | None
+    arrived: float
+    deadline: float
+    entry: Entry | None = None    # set while queued
+    worker: "WorkerRecord | None" = None
+    dispatched_at: float = 0.0
+    first_chunk_at: float = 0.0
+    chunks: int = 0
+    dispatches: int = 0
+    done: bool = False            # the client has had its final reply
+
+
+@dataclass(eq=False, slots=True)
+class WorkerRecord:
+    id: str
+    deployment: "Deployment"
+    pid: int
+    device: str
+    credits: int
+    state: str
+    last_seen: float
+    outstanding: dict[int, Request] = field(default_factory=dict)
+    dispatch_seq: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.credits - len(self.outstanding) if self.state == "ready" else 0
+
+
+class Deployment:
+    def __init__(self, config: DeploymentConfig, router: RoutingPolicy):
+        self.config = config
+        self.name = config.name
+        self.spec = runtimes.SPECS[config.runtime]
+        self.queue: BoundedPriorityQueue[Request] = BoundedPriorityQueue(
+            config.queue_capacity, config.priority_levels)
+        self.workers: dict[str, WorkerRecord] = {}
+        self.router = router
+        self.metrics = DeploymentMetrics()
+        # Smoothed dispatch-to-final time, for the BACKPRESSURE retry hint.
+        self.service_ms = 100.0
+
+    def ready_workers(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state == "ready")
+
+
+class BrokerCore:
+    def __init__(self, config: Config, transport: Transport, *, clock: Callable[[], float] = time.monotonic,
+                 pid: int | None = None):
+        self.config = config
+        self.transport = transport
+        self.clock = clock
+        self.pid = pid or os.getpid()
+        self.epoch = int.from_bytes(os.urandom(6), "big")
+        self.started = time.time()
+        self.deployments = {d.name: Deployment(d, LeastOutstanding()) for d in config.deployments}
+        self.workers: dict[str, WorkerRecord] = {}
+        self.requests: dict[int, Request] = {}
+        self.by_client: dict[tuple[bytes, Any], Request] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._next_rid = 1
+        self._dispatch_seq = 0
+        self._hb_interval = config.broker.heartbeat_interval_ms / 1000
+        self._hb_expiry = self._hb_interval * config.broker.heartbeat_liveness
+        self._next_heartbeat = clock() + self._hb_interval
+        self.supervisor_view: dict[str, Any] = {}
+        self.draining = False
+        self._drain_deadline = math.inf
+        self._drained_sent = False
+        self._readiness: dict[str, int] = {}
+
+    # --- clients ---------------------------------------------------------------------------
+
+    def on_client(self, client: bytes, frames: list[bytes]) -> None:
+        try:
+            command, body = P.decode(P.CLIENT, frames, P.CLIENT_COMMANDS)
+            if command == P.SUBMIT:
+                P.check_fields(body, P.SUBMIT_FIELDS, "SUBMIT")
+                self._submit(client, body)
+            elif command == P.CANCEL:
+                P.check_fields(body, P.CANCEL_FIELDS, "CANCEL")
+                self._cancel_by_client(client, body["id"])
+            else:
+                P.check_fields(body, P.PING_FIELDS, "PING")
+                self.transport.to_client(client, P.PONG, {
+                    "id": body.get("id"), "epoch": self.epoch, "version": __version__})
+        except P.ProtocolError as exc:
+            self._reject(client, exc.request_id, ErrorCode.BAD_REQUEST, exc.reason)
+
+    def _reject(self, client: bytes, cid: Any, code: ErrorCode, message: str,
+                details: dict[str, Any] | None = None) -> None:
+        """A final ERROR for a request that was never accepted."""
+        if not P.valid_request_id(cid):
+            cid = None
+        self.transport.to_client(client, P.ERROR, P.error_body(cid, code, message, details))
+
+    def _submit(self, client: bytes, body: dict[str, Any]) -> None:
+        cid = body["id"]
+        if not P.valid_request_id(cid):
+            raise P.ProtocolError("SUBMIT: id must be a non-empty string of at most 128 bytes or a 64-bit integer")
+        if (client, cid) in self.by_client:
+            raise P.ProtocolError(f"SUBMIT: request id {cid!r} is already in flight on this connection", cid)
+        if self.draining:
+            return self._reject(client, cid, ErrorCode.SHUTTING_DOWN, "inferd is shutting down")
+        dep = self.deployments.get(body["deployment"])
+        if dep is None:
+            return self._reject(client, cid, ErrorCode.UNKNOWN_DEPLOYMENT,
+                                f"no deployment named {body['deployment']!r}",
+                                {"deployments": sorted(self.deployments)})
+        cfg = dep.config
+        priority = body.get("priority")
+        if priority is None:
+            priority = cfg.default_priority
+        elif not 0 <= priority < cfg.priority_levels:
+            raise P.ProtocolError(f"SUBMIT: priority must be between 0 (most urgent) and "
+                                  f"{cfg.priority_levels - 1} for deployment {dep.name!r}", cid)
+        deadline_ms = body.get("deadline_ms")
+        if deadline_ms is not None and deadline_ms <= 0:
+            raise P.ProtocolError("SUBMIT: deadline_ms must be > 0", cid)
+        # A request may shorten the deployment's deadline, never extend it (Triton's rule).
+        deadline_ms = min(deadline_ms or cfg.default_deadline_ms, cfg.default_deadline_ms)
+        params = body.get("params") or {}
+        problem = runtimes.validate_params(cfg.runtime, params)
+        if problem:
+            raise P.ProtocolError(f"SUBMIT: params.{problem}", cid)
+
+        now = self.clock()
+        req = Request(self._next_rid, client, cid, dep, body["prompt"], params, priority,
+                      body.get("affinity"), now, now + deadline_ms / 1000)
+        try:
+            req.entry, evicted = dep.queue.push(req, priority)
+        except QueueFull:
+            dep.metrics.rejected_backpressure += 1
+            return self._reject(client, cid, ErrorCode.BACKPRESSURE,
+                                f"deployment {dep.name!r} queue is full ({cfg.queue_capacity} queued)",
+                                {"retry_after_ms": self._retry_hint(dep, priority)})
+        self._next_rid += 1
+        self.requests[req.rid] = req
+        self.by_client[(client, cid)] = req
+        heapq.heappush(self._deadlines, (req.deadline, req.rid))
+        self.transport.to_client(client, P.ACCEPTED, {
+            "id": cid, "epoch": self.epoch, "join": dep.spec.chunk_joiner})
+        if evicted is not None:
+            victim = evicted.item
+            victim.entry = None
+            self._finish(victim, P.ERROR, P.error_body(
+                victim.cid, ErrorCode.BACKPRESSURE,
+                f"evicted from the full queue of {dep.name!r} by a more urgent request",
+                {"retry_after_ms": self._retry_hint(dep, victim.priority)}), "rejected_backpressure")
+        self._dispatch(dep)
+
+    def _retry_hint(self, dep: Deployment, priority: int) -> int:
+        """Roughly how long until the queue ahead of ``priority`` drains."""
+        capacity = sum(w.credits for w in dep.workers.values()) or 1
+        estimate = dep.queue.ahead_of(priority) * dep.service_ms / capacity
+        return int(min(30_000, max(10, estimate)))
+
+    def _cancel_by_client(self, client: bytes, cid: Any) -> None:
+        # Cancelling something that already ended is a no-op: answering it
+        # would give that request a second final reply.
+        req = self.by_client.get((client, cid))
+        if req is not None:
+            self._finish(req, P.ERROR, P.error_body(cid, ErrorCode.CANCELLED, "cancelled by the client"),
+                         "cancelled")
+
+    def on_client_gone(self, client: bytes) -> None:
+        """The client's connection is gone: stop working for it, quietly."""
+        for req in [r for (c, _), r in self.by_client.items() if c == client]:
+            req.done = True  # nobody to tell; _finish would try to send
+            self._retire(req, "cancelled")
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def on_worker(self, identity: bytes, frames: list[bytes]) -> None:
+        wid = identity.decode(errors="replace")
+        try:
+            command, body = P.decode(P.WORKER, frames, P.WORKER_COMMANDS)
+        except P.ProtocolError as exc:
+            log.warning("worker %s sent a malformed message: %s", wid, exc.reason)
+            return
+        if body.get("worker") != wid:
+            log.warning("worker %s sent a message claiming to be %r; ignored", wid, body.get("worker"))
+            return
+        if command == P.READY:
+            return self._register(wid, body)
+        worker = self.workers.get(wid)
+        if worker is None:
+            # A worker we do not know (we restarted, or it was declared dead): make it re-register.
+            self.transport.to_worker(wid, P.DISCONNECT, {"reason": "not registered"})
+            return
+        worker.last_seen = self.clock()
+        if command == P.HEARTBEAT:
+            self._update_load(worker, body)
+            return
+        req = worker.outstanding.get(body.get("rid"))
+        if req is None:
+            return  # a late message for a request already given up on
+        if command == P.CHUNK:
+            self._chunk(req, body)
+        else:
+            del worker.outstanding[req.rid]
+            req.worker = None
+            self._worker_final(req, command, body)
+            self._dispatch(worker.deployment)
+
+    def _register(self, wid: str, body: dict[str, Any]) -> None:
+        dep = self.deployments.get(body.get("deployment"))
+        if dep is None:
+            log.error("worker %s registered for unknown deployment %r", wid, body.get("deployment"))
+            self.transport.to_worker(wid, P.DISCONNECT, {"reason": "unknown deployment"})
+            return
+        if wid in self.workers:
+            self._lose_worker(self.workers[wid], "re-registered")
+        worker = WorkerRecord(wid, dep, int(body.get("pid", 0)), str(body.get("device", "?")),
+                              0, "loading", self.clock())
+        self._apply_load(worker, body)
+        self.workers[wid] = worker
+        dep.workers[wid] = worker
+        log.info("worker %s registered: deployment=%s device=%s pid=%d state=%s credits=%d",
+                 wid, dep.name, worker.device, worker.pid, worker.state, worker.credits)
+        self._dispatch(dep)
+        self._report_readiness()
+
+    def _update_load(self, worker: WorkerRecord, body: dict[str, Any]) -> None:
+        if self._apply_load(worker, body):
+            self._report_readiness()
+        self._dispatch(worker.deployment)
+
+    @staticmethod
+    def _apply_load(worker: WorkerRecord, body: dict[str, Any]) -> bool:
+        """Take the credits and state a worker reports; True if its state changed."""
+        credits, state = body.get("credits"), body.get("state")
+        if isinstance(credits, int) and not isinstance(credits, bool) and credits >= 0:
+            worker.credits = credits
+        if isinstance(state, str) and state != worker.state:
+            worker.state = state
+            return True
+        return False
+
+    def _chunk(self, req: Request, body: dict[str, Any]) -> None:
+        if req.done:
+            return
+        if not req.chunks:
+            req.first_chunk_at = self.clock()
+            req.deployment.metrics.first_chunk_ms.add((req.first_chunk_at - req.arrived) * 1000)
+        out = {"id": req.cid, "index": req.chunks, "text": body.get("text", "")}
+        if body.get("finish_reason"):
+            out["finish_reason"] = body["finish_reason"]
+        req.chunks += 1
+        self.transport.to_client(req.client, P.CHUNK, out)
+
+    def _worker_final(self, req: Request, command: bytes, body: dict[str, Any]) -> None:
+        dep = req.deployment
+        dep.service_ms = 0.9 * dep.service_ms + 0.1 * (self.clock() - req.dispatched_at) * 1000
+        if req.done:
+            self._retire(req, None)
+            return
+        if command == P.DONE:
+            self._finish(req, P.DONE, {"id": req.cid, "finish_reason": body.get("finish_reason", P.FINISH_STOP),
+                                       "chunks": req.chunks}, "completed")
+            return
+        code = body.get("code")
+        if code not in ErrorCode.__members__:
+            code = ErrorCode.INTERNAL.value
+        counter = {ErrorCode.CANCELLED.value: "cancelled", ErrorCode.DEADLINE_EXCEEDED.value: "timed_out",
+                   ErrorCode.BAD_REQUEST.value: "bad_request"}.get(code, "failed")
+        self._finish(req, P.ERROR, P.error_body(req.cid, ErrorCode(code), str(body.get("message", "")),
+                                                body.get("details")), counter)
+
+    def on_worker_exited(self, wid: str, pid: int) -> None:
+        """The supervisor saw the process exit: faster than waiting for missed heartbeats."""
+        worker = self.workers.get(wid)
+        if worker is not None and worker.pid == pid:
+            self._lose_worker(worker, "process exited")
+
+    def _lose_worker(self, worker: WorkerRecord, why: str) -> None:
+        self.workers.pop(worker.id, None)
+        dep = worker.deployment
+        dep.workers.pop(worker.id, None)
+        lost = list(worker.outstanding.values())
+        worker.outstanding.clear()
+        log.warning("worker %s (pid %d) lost: %s; %d request(s) affected", worker.id, worker.pid, why, len(lost))
+        for req in lost:
+            req.worker = None
+            if req.done:
+                self._retire(req, None)
+            elif req.chunks == 0 and req.dispatches < MAX_DISPATCHES and not self.draining:
+                req.entry = dep.queue.requeue(req, req.priority)
+            else:
+                self._finish(req, P.ERROR, P.error_body(
+                    req.cid, ErrorCode.WORKER_LOST,
+                    f"worker {worker.id} was lost ({why}) after streaming {req.chunks} chunk(s)"), "failed")
+        self._report_readiness()
+        self._dispatch(dep)
+
+    # --- dispatch --------------------------------------------------------------------------
+
+    def _dispatch(self, dep: Deployment) -> None:
+        while len(dep.queue):
+            candidates = [w for w in dep.workers.values() if w.free > 0]
+            if not candidates:
+                return
+            req = dep.queue.pop()
+            req.entry = None
+            worker = dep.router.choose(candidates, req.affinity)
+            self._dispatch_seq += 1
+            worker.dispatch_seq = self._dispatch_seq
+            worker.outstanding[req.rid] = req
+            req.worker = worker
+            req.dispatches += 1
+            now = self.clock()
+            if req.dispatches == 1:
+                dep.metrics.queue_ms.add((now - req.arrived) * 1000)
+            req.dispatched_at = now
+            self.transport.to_worker(worker.id, P.REQUEST, {"rid": req.rid, "prompt": req.prompt,
+                                                            "params": req.params})
+
+    # --- finals ----------------------------------------------------------------------------
+
+    def _finish(self, req: Request, command: bytes, body: dict[str, Any], counter: str) -> None:
+        """Send the request's one final reply and account for it."""
+        if req.done:
+            raise AssertionError(f"request {req.rid} would get a second final reply")
+        req.done = True
+        self.transport.to_client(req.client, command, body)
+        m = req.deployment.metrics
+        if command == P.DONE:
+            m.latency_ms.add((self.clock() - req.arrived) * 1000)
+        self._retire(req, counter)
+
+    def _retire(self, req: Request, counter: str | None) -> None:
+        """Bookkeeping after a final: free the queue slot, tell a worker to stop, forget it."""
+        dep = req.deployment
+        if counter:
+            setattr(dep.metrics, counter, getattr(dep.metrics, counter) + 1)
+        if self.by_client.get((req.client, req.cid)) is req:
+            del self.by_client[(req.client, req.cid)]
+        if req.entry is not None:
+            dep.queue.remove(req.entry)
+            req.entry = None
+        if req.worker is not None:
+            # The worker still holds a slot for it: ask it to stop, and keep the
+            # slot counted until the worker answers with its own final.
+            self.transport.to_worker(req.worker.id, P.CANCEL, {"rid": req.rid})
+        else:
+            self.requests.pop(req.rid, None)
+        if self.draining:
+            self._maybe_drained()
+
+    # --- time ------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Expire deadlines, exchange heartbeats, detect silent workers, finish a drain."""
+        now = self.clock()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, rid = heapq.heappop(self._deadlines)
+            req = self.requests.get(rid)
+            if req is not None and not req.done:
+                where = "in the queue" if req.entry is not None else "while running"
+                self._finish(req, P.ERROR, P.error_body(
+                    req.cid, ErrorCode.DEADLINE_EXCEEDED,
+                    f"deadline of {round((req.deadline - req.arrived) * 1000)} ms passed {where}"), "timed_out")
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self._hb_interval
+            for worker in list(self.workers.values()):
+                if now - worker.last_seen > self._hb_expiry:
+                    self._lose_worker(worker, f"no message for {now - worker.last_seen:.1f} s")
+                    self.transport.to_worker(worker.id, P.DISCONNECT, {"reason": "heartbeat expired"})
+                else:
+                    self.transport.to_worker(worker.id, P.HEARTBEAT, {})
+        if self.draining and now >= self._drain_deadline:
+            self._drain_deadline = math.inf
+            for req in [r for r in self.requests.values() if not r.done]:
+                self._finish(req, P.ERROR, P.error_body(
+                    req.cid, ErrorCode.SHUTTING_DOWN, "inferd shut down before the request finished"), "failed")
+            self._maybe_drained()
+
+    def next_timeout(self) -> float:
+        """Seconds until :meth:`tick` has something to do."""
+        when = min(self._next_heartbeat, self._drain_deadline)
+        if self._deadlines:
+            when = min(when, self._deadlines[0][0])
+        return max(0.0, when - self.clock())
+
+    # --- supervisor link -------------------------------------------------------------------
+
+    def on_supervisor(self, frames: list[bytes]) -> None:
+        try:
+            command, body = P.decode(P.SUPERVISOR, frames, frozenset({P.WORKERS, P.WORKER_EXITED, P.DRAIN}))
+        except P.ProtocolError as exc:
+            log.error("malformed message from the supervisor: %s", exc.reason)
+            return
+        if command == P.WORKERS:
+            self.supervisor_view = body
+        elif command == P.WORKER_EXITED:
+            self.on_worker_exited(str(body.get("worker")), int(body.get("pid", -1)))
+        else:
+            self.drain(float(body.get("grace_s", 0)))
+
+    def drain(self, grace_s: float) -> None:
+        """Stop accepting, fail what is queued, give in-flight work ``grace_s`` to finish."""
+        if not self.draining:
+            log.info("draining: %d request(s) in flight, grace %.1f s", self.in_flight(), grace_s)
+        self.draining = True
+        self._drain_deadline = min(self._drain_deadline, self.clock() + grace_s)
+        for dep in self.deployments.values():
+            for req in list(dep.queue.drain()):
+                req.entry = None
+                self._finish(req, P.ERROR, P.error_body(
+                    req.cid, ErrorCode.SHUTTING_DOWN, "inferd is shutting down; the request was not started"),
+                    "failed")
+        self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        if not self._drained_sent and not any(not r.done for r in self.requests.values()):
+            self._drained_sent = True
+            self.transport.to_supervisor(P.DRAINED, {})
+
+    def shutdown(self) -> None:
+        """The broker itself is going away: give everything outstanding its final reply."""
+        self.drain(0)
+        self.tick()
+
+    def _report_readiness(self) -> None:
+        ready = {name: dep.ready_workers() for name, dep in self.deployments.items()}
+        if ready != self._readiness:
+            self._readiness = ready
+            self.transport.to_supervisor(P.READINESS, {"deployments": ready})
+
+    # --- views for inferctl ----------------------------------------------------------------
+
+    def in_flight(self, dep: Deployment | None = None) -> int:
+        return sum(1 for r in self.requests.values()
+                   if not r.done and r.worker is not None and (dep is None or r.deployment is dep))
+
+    def metrics(self) -> dict[str, Any]:
+        return {name: dep.metrics.snapshot(len(dep.queue), self.in_flight(dep))
+                for name, dep in self.deployments.items()}
+
+    def status(self) -> dict[str, Any]:
+        view = self.supervisor_view
+        rows = []
+        for proc in view.get("workers", []):
+            worker = self.workers.get(proc["id"])
+            row = dict(proc)
+            if proc["state"] == "running":
+                registered = worker is not None and worker.pid == proc["pid"]
+                row["state"] = worker.state if registered else "starting"
+            row["credits"] = worker.credits if worker else 0
+            row["in_flight"] = len(worker.outstanding) if worker else 0
+            rows.append(row)
+        deployments = {}
+        for name, dep in self.deployments.items():
+            ready = dep.ready_workers()
+            state = ("healthy" if ready >= dep.config.replicas else "degraded" if ready else "unavailable")
+            deployments[name] = {"state": state, "runtime": dep.config.runtime, "replicas": dep.config.replicas,
+                                 "ready": ready, "queued": len(dep.queue), "in_flight": self.in_flight(dep)}
+        daemon = dict(view.get("daemon", {}))
+        if "started_at" in daemon:
+            daemon["uptime_s"] = round(time.time() - daemon.pop("started_at"), 1)
+        return {
+            "daemon": daemon,
+            "devices": view.get("devices", []),
+            "broker": {"pid": self.pid, "epoch": self.epoch, "version": __version__,
+                       "uptime_s": round(time.time() - self.started, 1),
+                       "state": "draining" if self.draining else "serving"},
+            "deployments": deployments,
+            "workers": rows,
+            "ready": all(d["state"] != "unavailable" for d in deployments.values()) and not self.draining,
+        }

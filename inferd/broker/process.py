@@ -1,0 +1,184 @@
+"""The broker process: sockets and a poll loop around :class:`BrokerCore`.
+
+Sockets (all bound under a private umask in the runtime dir):
+
+* frontend, ROUTER: clients. ROUTER_MANDATORY turns "that client is gone"
+  into an error we can act on (cancel its work) instead of a silent drop.
+* backend, ROUTER: workers, identified by their worker id. ROUTER_HANDOVER
+  lets a restarted worker take its identity over at once.
+* control, ROUTER: inferctl.
+* a DEALER connected to the supervisor's link socket.
+
+MAXMSGSIZE bounds every inbound message, so a peer cannot make the broker
+allocate without limit; ZeroMQ disconnects such a peer before the bytes reach
+us. Everything that does reach us is answered or logged, never raised.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from inferd import protocol as P
+from inferd.broker.core import BrokerCore
+from inferd.config import Config
+from inferd.errors import ErrorCode
+from inferd.paths import Endpoints, private_umask
+from inferd.proc import child_signals, child_spec, die_with_parent, setup_logging
+
+log = logging.getLogger("inferd.broker")
+
+# Messages read from one socket before looking at the others again: amortizes
+# the poll call under load without starving any socket.
+BURST = 256
+# A client that stops reading gets this many queued messages before we treat it as gone.
+CLIENT_SNDHWM = 100_000
+
+
+class ZmqTransport:
+    def __init__(self, frontend: zmq.Socket, backend: zmq.Socket, link: zmq.Socket):
+        self.frontend = frontend
+        self.backend = backend
+        self.link = link
+        self.unreachable: set[bytes] = set()
+
+    def to_client(self, client: bytes, command: bytes, body: dict[str, Any]) -> None:
+        if client in self.unreachable:
+            return
+        try:
+            self.frontend.send_multipart([client, P.CLIENT, command, P.pack(body)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+            self.unreachable.add(client)
+
+    def to_worker(self, worker: str, command: bytes, body: dict[str, Any]) -> None:
+        try:
+            self.backend.send_multipart([worker.encode(), P.WORKER, command, P.pack(body)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+            # The worker's connection is gone; the supervisor or the heartbeat check will say so.
+
+    def to_supervisor(self, command: bytes, body: dict[str, Any]) -> None:
+        try:
+            self.link.send_multipart(P.encode(P.SUPERVISOR, command, body), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("supervisor link is full; dropped %s", command.decode())
+
+
+class Broker:
+    def __init__(self, config: Config, endpoints: Endpoints):
+        self.ctx = zmq.Context()
+        max_bytes = config.broker.max_message_bytes
+        self.frontend = self._socket(zmq.ROUTER, max_bytes, router_mandatory=1, sndhwm=CLIENT_SNDHWM)
+        self.backend = self._socket(zmq.ROUTER, max_bytes, router_mandatory=1, router_handover=1)
+        self.control = self._socket(zmq.ROUTER, max_bytes)
+        self.link = self._socket(zmq.DEALER, max_bytes)
+        with private_umask():
+            self.frontend.bind(endpoints.frontend)
+            self.backend.bind(endpoints.backend)
+            self.control.bind(endpoints.control)
+        self.link.connect(endpoints.supervisor)
+        self.transport = ZmqTransport(self.frontend, self.backend, self.link)
+        self.core = BrokerCore(config, self.transport)
+        self.stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def _socket(self, kind: int, max_bytes: int, **options: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+        for name, value in options.items():
+            sock.setsockopt(getattr(zmq, name.upper()), value)
+        return sock
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        child_signals(self._on_term, self._wake_w)
+        self.transport.to_supervisor(P.HELLO, {"pid": os.getpid(), "epoch": self.core.epoch})
+        poller = zmq.Poller()
+        for sock in (self.frontend, self.backend, self.control, self.link):
+            poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        handlers = {
+            self.frontend: self._from_client,
+            self.backend: self._from_worker,
+            self.control: self._from_control,
+            self.link: self._from_supervisor,
+        }
+        log.info("broker ready (epoch %x)", self.core.epoch)
+        while not self.stopping:
+            events = poller.poll(self.core.next_timeout() * 1000)
+            for sock, _ in events:
+                if sock == self._wake_r:
+                    os.read(self._wake_r, 512)
+                    continue
+                handler = handlers[sock]
+                for _ in range(BURST):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    handler(frames)
+                    self._forget_unreachable()
+            self.core.tick()
+            self._forget_unreachable()
+        log.info("broker stopping: failing what is outstanding")
+        self.core.shutdown()
+        self.close()
+
+    def _forget_unreachable(self) -> None:
+        if self.transport.unreachable:
+            gone = self.transport.unreachable
+            self.transport.unreachable = set()
+            for client in gone:
+                self.core.on_client_gone(client)
+
+    def _from_client(self, frames: list[bytes]) -> None:
+        self.core.on_client(frames[0], frames[1:])
+
+    def _from_worker(self, frames: list[bytes]) -> None:
+        self.core.on_worker(frames[0], frames[1:])
+
+    def _from_supervisor(self, frames: list[bytes]) -> None:
+        self.core.on_supervisor(frames)
+
+    def _from_control(self, frames: list[bytes]) -> None:
+        peer, rest = frames[0], frames[1:]
+        try:
+            command, body = P.decode(P.CONTROL, rest, P.CONTROL_COMMANDS)
+            result = self.core.status() if command == P.STATUS else self.core.metrics()
+            reply = P.encode(P.CONTROL, P.OK, {"id": body.get("id"), "result": result})
+        except P.ProtocolError as exc:
+            reply = P.encode(P.CONTROL, P.ERROR, P.error_body(exc.request_id, ErrorCode.BAD_REQUEST, exc.reason))
+        try:
+            self.control.send_multipart([peer, *reply], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # inferctl gave up waiting; it will say so itself
+
+    def close(self) -> None:
+        for sock in (self.frontend, self.backend, self.control, self.link):
+            sock.close(0)
+        self.ctx.term()
+
+
+def main() -> None:
+    spec = child_spec()
+    config = Config.from_dict(spec["config"])
+    setup_logging("broker", config.daemon.log_level)
+    die_with_parent()
+    broker = Broker(config, Endpoints.for_dir(Path(spec["runtime_dir"]), spec.get("frontend")))
+    try:
+        broker.run()
+    except Exception:
+        log.exception("broker crashed")
+        sys.exit(1)

@@ -1,0 +1,417 @@
+"""Python clients for inferd: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
+
+Both speak the client protocol of ``docs/protocol.md`` over one DEALER socket
+and can keep many requests in flight on it::
+
+    with Client() as client:
+        for chunk in client.generate("echo", "hello world", max_tokens=8):
+            print(chunk.text, chunk.finish_reason)
+
+Failures raise the typed exceptions of :mod:`inferd.errors`. Leaving a stream
+early (``break``, ``close()``, garbage collection) cancels the request on the
+daemon, so no worker keeps generating for nobody.
+
+Thread safety: a :class:`Client` owns a ZeroMQ socket, and ZeroMQ sockets must
+not be shared between threads. Use one Client per thread (they are cheap), or
+one :class:`AsyncClient` per event loop. Streams of one Client may be
+interleaved freely within its thread.
+
+When the daemon dies mid-request the client does not hang: without a
+deadline it pings after ``liveness_s`` of silence, and a broker that does not
+answer, or answers with a new epoch (it restarted and lost the request),
+raises :class:`~inferd.errors.Unavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import zmq
+import zmq.asyncio
+
+from inferd import errors, protocol as P
+from inferd.paths import default_runtime_dir
+
+__all__ = ["AsyncClient", "Chunk", "Client", "default_endpoint"]
+
+# Grace beyond a request's own deadline before the client gives up on the broker's answer.
+DEADLINE_GRACE_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    text: str
+    index: int
+    finish_reason: str | None = None
+
+
+def default_endpoint(runtime_dir: str | os.PathLike | None = None) -> str:
+    """The frontend socket in ``runtime_dir``, else $INFERD_RUNTIME_DIR, else the default dir."""
+    return f"ipc://{Path(runtime_dir) if runtime_dir else default_runtime_dir()}/frontend.sock"
+
+
+def _check_reachable(endpoint: str) -> None:
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
+        raise errors.DaemonNotRunning(f"inferd is not running: no socket at {endpoint[len('ipc://'):]}")
+
+
+def _submit_body(cid: int, deployment: str, prompt: str, priority: int | None, deadline_ms: int | None,
+                 affinity: str | None, params: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": cid, "deployment": deployment, "prompt": prompt}
+    if priority is not None:
+        body["priority"] = priority
+    if deadline_ms is not None:
+        body["deadline_ms"] = deadline_ms
+    if affinity is not None:
+        body["affinity"] = affinity
+    if params:
+        body["params"] = params
+    return body
+
+
+def _error(body: dict[str, Any]) -> errors.InferdError:
+    return errors.from_wire(str(body.get("code")), str(body.get("message", "")), body.get("details"))
+
+
+class _Tracker:
+    """Liveness for one request: when to ping, and when to give up."""
+
+    def __init__(self, deadline_ms: int | None, liveness_s: float, answer_s: float):
+        now = time.monotonic()
+        self.give_up = now + deadline_ms / 1000 + DEADLINE_GRACE_S if deadline_ms else float("inf")
+        self.liveness_s = liveness_s
+        self.answer_s = answer_s
+        self.heard(now)
+
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+        self.ping_sent: float | None = None
+
+    def wait_s(self, now: float) -> float:
+        nxt = self.ping_sent + self.answer_s if self.ping_sent is not None else self.last_heard + self.liveness_s
+        return max(0.0, min(nxt, self.give_up) - now)
+
+
+class Client:
+    """A blocking client. Not thread-safe: use one per thread."""
+
+    def __init__(self, endpoint: str | None = None, *, runtime_dir: str | os.PathLike | None = None,
+                 answer_timeout_s: float = 5.0, liveness_s: float = 10.0):
+        self.endpoint = endpoint or default_endpoint(runtime_dir)
+        _check_reachable(self.endpoint)
+        self.answer_timeout_s = answer_timeout_s
+        self.liveness_s = liveness_s
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+        self._ids = itertools.count(1)
+        self._inbox: dict[Any, collections.deque[tuple[bytes, dict]]] = {}
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def generate(self, deployment: str, prompt: str, *, priority: int | None = None,
+                 deadline_ms: int | None = None, affinity: str | None = None, **params: Any) -> "Stream":
+        """Submit a request now and return its stream of :class:`Chunk`.
+
+        Errors the broker answers at once (BACKPRESSURE, UNKNOWN_DEPLOYMENT,
+        BAD_REQUEST) raise when the stream is first iterated, so that many
+        requests can be submitted without waiting for each answer.
+        """
+        cid = next(self._ids)
+        self._inbox[cid] = collections.deque()
+        self._send(P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms, affinity, params))
+        return Stream(self, cid, _Tracker(deadline_ms, self.liveness_s, self.answer_timeout_s))
+
+    def complete(self, deployment: str, prompt: str, **kwargs: Any) -> str:
+        """Run a request to the end and return its whole text."""
+        stream = self.generate(deployment, prompt, **kwargs)
+        texts = [chunk.text for chunk in stream]
+        return stream.join.join(texts)
+
+    def ping(self) -> dict[str, Any]:
+        """Round trip to the broker; returns its PONG body (epoch, version)."""
+        cid = f"ping-{next(self._ids)}"
+        self._inbox[cid] = collections.deque()
+        try:
+            self._send(P.PING, {"id": cid})
+            deadline = time.monotonic() + self.answer_timeout_s
+            while True:
+                message = self._take(cid, deadline - time.monotonic())
+                if message is None:
+                    raise errors.Unavailable(f"no answer from inferd at {self.endpoint} "
+                                             f"within {self.answer_timeout_s:g} s")
+                if message[0] == P.PONG:
+                    return message[1]
+                if message[0] == P.ERROR:
+                    raise _error(message[1])
+        finally:
+            self._inbox.pop(cid, None)
+
+    # internals shared with Stream
+
+    def _send(self, command: bytes, body: dict[str, Any]) -> None:
+        self._sock.send_multipart(P.encode(P.CLIENT, command, body))
+
+    def _take(self, cid: Any, timeout_s: float) -> tuple[bytes, dict] | None:
+        """The next message for ``cid``, buffering others' messages; None on timeout."""
+        box = self._inbox[cid]
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while not box:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._sock.poll(remaining * 1000, zmq.POLLIN):
+                return None
+            while True:
+                try:
+                    frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._deliver(frames)
+        return box.popleft()
+
+    def _deliver(self, frames: list[bytes]) -> None:
+        try:
+            command, body = P.decode(P.CLIENT, frames, frozenset({P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR, P.PONG}))
+        except P.ProtocolError:
+            return  # not ours to handle; the broker only sends well-formed messages
+        box = self._inbox.get(body.get("id"))
+        if box is not None:
+            box.append((command, body))
+
+
+class Stream:
+    """The chunks of one request. Iterate it; close it (or leave the loop) to cancel."""
+
+    def __init__(self, client: Client, cid: int, tracker: _Tracker):
+        self.id = cid
+        self.join = ""
+        self.finish_reason: str | None = None
+        self._client = client
+        self._tracker = tracker
+        self._accepted = False
+        self._epoch: int | None = None
+        self._finished = False
+        self._last: Chunk | None = None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_finished", True):
+            try:
+                self.close()
+            except Exception:
+                pass  # interpreter shutdown: the broker notices the gone client
+
+    def __next__(self) -> Chunk:
+        while not self._finished:
+            message = self._next_message()
+            command, body = message
+            if command == P.ACCEPTED:
+                self._accepted = True
+                self._epoch = body.get("epoch")
+                self.join = body.get("join", "")
+            elif command == P.CHUNK:
+                chunk = Chunk(body.get("text", ""), body.get("index", 0), body.get("finish_reason"))
+                self._last = chunk
+                return chunk
+            elif command == P.DONE:
+                self._end()
+                self.finish_reason = body.get("finish_reason")
+                if self._last is None or self._last.finish_reason is None:
+                    # The runtime could not mark its last chunk: close the stream with an empty one.
+                    index = self._last.index + 1 if self._last else 0
+                    return Chunk("", index, self.finish_reason)
+            elif command == P.ERROR:
+                self._end()
+                raise _error(body)
+            elif command == P.PONG:
+                self._check_epoch(body)
+        raise StopIteration
+
+    def _next_message(self) -> tuple[bytes, dict]:
+        tracker = self._tracker
+        while True:
+            message = self._client._take(self.id, tracker.wait_s(time.monotonic()))
+            now = time.monotonic()
+            if message is not None:
+                tracker.heard(now)
+                return message
+            if now >= tracker.give_up:
+                self.close()
+                raise errors.DeadlineExceeded("no final answer from inferd before the request's deadline")
+            if tracker.ping_sent is not None:
+                self.close()
+                raise errors.Unavailable(f"lost contact with inferd at {self._client.endpoint}")
+            self._client._send(P.PING, {"id": self.id})
+            tracker.ping_sent = now
+
+    def _check_epoch(self, body: dict[str, Any]) -> None:
+        if self._epoch is not None and body.get("epoch") != self._epoch:
+            self._end()
+            raise errors.Unavailable("inferd restarted while the request was in flight; it was lost")
+        if not self._accepted:
+            self._end()
+            raise errors.Unavailable("inferd restarted before answering the request; it was lost")
+
+    def _end(self) -> None:
+        self._finished = True
+        self._client._inbox.pop(self.id, None)
+
+    def cancel(self) -> None:
+        """Cancel the request; iterating further raises :class:`~inferd.errors.Cancelled`."""
+        if not self._finished:
+            self._client._send(P.CANCEL, {"id": self.id})
+
+    def close(self) -> None:
+        """Stop reading; cancels the request on the daemon if it has not ended."""
+        if not self._finished:
+            self._client._send(P.CANCEL, {"id": self.id})
+            self._end()
+
+
+class AsyncClient:
+    """An asyncio client. Use it from one event loop; many requests may run concurrently.
+
+    ::
+
+        async with AsyncClient() as client:
+            async for chunk in client.generate("echo", "hello world"):
+                ...
+    """
+
+    def __init__(self, endpoint: str | None = None, *, runtime_dir: str | os.PathLike | None = None,
+                 answer_timeout_s: float = 5.0, liveness_s: float = 10.0):
+        self.endpoint = endpoint or default_endpoint(runtime_dir)
+        _check_reachable(self.endpoint)
+        self.answer_timeout_s = answer_timeout_s
+        self.liveness_s = liveness_s
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+        self._ids = itertools.count(1)
+        self._inbox: dict[Any, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        self._sock.close(0)
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                command, body = P.decode(P.CLIENT, frames, frozenset({P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR,
+                                                                      P.PONG}))
+            except P.ProtocolError:
+                continue
+            box = self._inbox.get(body.get("id"))
+            if box is not None:
+                box.put_nowait((command, body))
+
+    async def _send(self, command: bytes, body: dict[str, Any]) -> None:
+        await self._sock.send_multipart(P.encode(P.CLIENT, command, body))
+
+    async def ping(self) -> dict[str, Any]:
+        self._ensure_reader()
+        cid = f"ping-{next(self._ids)}"
+        box = self._inbox[cid] = asyncio.Queue()
+        try:
+            await self._send(P.PING, {"id": cid})
+            command, body = await asyncio.wait_for(box.get(), self.answer_timeout_s)
+        except asyncio.TimeoutError:
+            raise errors.Unavailable(f"no answer from inferd at {self.endpoint} "
+                                     f"within {self.answer_timeout_s:g} s") from None
+        finally:
+            self._inbox.pop(cid, None)
+        if command == P.ERROR:
+            raise _error(body)
+        return body
+
+    async def generate(self, deployment: str, prompt: str, *, priority: int | None = None,
+                       deadline_ms: int | None = None, affinity: str | None = None,
+                       **params: Any) -> AsyncIterator[Chunk]:
+        """Submit a request and yield its chunks; leaving the loop early cancels it."""
+        self._ensure_reader()
+        cid = next(self._ids)
+        box = self._inbox[cid] = asyncio.Queue()
+        tracker = _Tracker(deadline_ms, self.liveness_s, self.answer_timeout_s)
+        finished = False
+        epoch = None
+        last: Chunk | None = None
+        try:
+            await self._send(P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms, affinity,
+                                                    params))
+            while True:
+                try:
+                    command, body = await asyncio.wait_for(box.get(), tracker.wait_s(time.monotonic()) or 1e-3)
+                except asyncio.TimeoutError:
+                    now = time.monotonic()
+                    if now >= tracker.give_up:
+                        raise errors.DeadlineExceeded(
+                            "no final answer from inferd before the request's deadline") from None
+                    if tracker.ping_sent is not None:
+                        raise errors.Unavailable(f"lost contact with inferd at {self.endpoint}") from None
+                    await self._send(P.PING, {"id": cid})
+                    tracker.ping_sent = now
+                    continue
+                tracker.heard(time.monotonic())
+                if command == P.ACCEPTED:
+                    epoch = body.get("epoch")
+                elif command == P.CHUNK:
+                    last = Chunk(body.get("text", ""), body.get("index", 0), body.get("finish_reason"))
+                    yield last
+                elif command == P.DONE:
+                    finished = True
+                    if last is None or last.finish_reason is None:
+                        yield Chunk("", last.index + 1 if last else 0, body.get("finish_reason"))
+                    return
+                elif command == P.ERROR:
+                    finished = True
+                    raise _error(body)
+                elif command == P.PONG and body.get("epoch") != epoch:
+                    finished = True
+                    raise errors.Unavailable("inferd restarted while the request was in flight; it was lost")
+        finally:
+            self._inbox.pop(cid, None)
+            if not finished:
+                try:
+                    await self._send(P.CANCEL, {"id": cid})
+                except Exception:
+                    pass  # the socket is closing; the broker notices the gone client

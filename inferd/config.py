@@ -1,0 +1,203 @@
+"""Typed, validated configuration read from TOML.
+
+The schema is the dataclasses below: each field's metadata says what values
+are allowed, and :func:`_build` checks a TOML table against it. Unknown keys,
+wrong types and impossible values are all errors that name the file, the key
+and what was expected, because a daemon that silently ignores ``replcias = 4``
+costs an operator an afternoon.
+
+This module is pure: no sockets, no processes, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from inferd import runtimes
+
+
+class ConfigError(Exception):
+    """A bad configuration. The message names the file, the key and the expectation."""
+
+
+def _opt(default: Any = dataclasses.MISSING, *, kind: type, expect: str,
+         check: Callable[[Any], bool] = lambda v: True, factory: Callable[[], Any] | None = None) -> Any:
+    meta = {"kind": kind, "expect": expect, "check": check}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v: float) -> bool:
+    return v > 0 and math.isfinite(v)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    runtime_dir: str | None = _opt(None, kind=str, expect="a directory path",
+                                   check=lambda v: len(v) > 0)
+    log_level: str = _opt("info", kind=str, expect=f"one of {', '.join(LOG_LEVELS)}",
+                          check=lambda v: v in LOG_LEVELS)
+    drain_grace_s: float = _opt(30.0, kind=float, expect="a number of seconds >= 0",
+                                check=lambda v: v >= 0 and math.isfinite(v))
+    stop_timeout_s: float = _opt(10.0, kind=float, expect="a number of seconds > 0", check=_positive)
+    restart_delay_ms: int = _opt(500, kind=int, expect="an integer >= 0", check=lambda v: v >= 0)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    heartbeat_interval_ms: int = _opt(500, kind=int, expect="an integer between 50 and 60000",
+                                      check=lambda v: 50 <= v <= 60000)
+    heartbeat_liveness: int = _opt(4, kind=int, expect="an integer between 2 and 100",
+                                   check=lambda v: 2 <= v <= 100)
+    max_message_bytes: int = _opt(1 << 20, kind=int, expect="an integer between 1024 and 1073741824",
+                                  check=lambda v: 1024 <= v <= 1 << 30)
+    frontend: str | None = _opt(None, kind=str, expect="a ZeroMQ endpoint such as tcp://127.0.0.1:5555",
+                                check=lambda v: v.startswith(("ipc://", "tcp://")))
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    # How many CPU devices to offer when NVML finds no GPU.
+    cpu_devices: int = _opt(1, kind=int, expect="an integer between 1 and 1024",
+                            check=lambda v: 1 <= v <= 1024)
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    name: str = _opt(kind=str, expect="a name of letters, digits, '-', '_' or '.' (at most 64)",
+                     check=lambda v: 0 < len(v) <= 64 and all(c.isalnum() or c in "-_." for c in v))
+    runtime: str = _opt(kind=str, expect=f"one of {', '.join(runtimes.NAMES)}",
+                        check=lambda v: v in runtimes.NAMES)
+    replicas: int = _opt(1, kind=int, expect="an integer between 1 and 256", check=lambda v: 1 <= v <= 256)
+    queue_capacity: int = _opt(1024, kind=int, expect="an integer between 1 and 1000000",
+                               check=lambda v: 1 <= v <= 1_000_000)
+    priority_levels: int = _opt(3, kind=int, expect="an integer between 1 and 16", check=lambda v: 1 <= v <= 16)
+    default_priority: int = _opt(1, kind=int, expect="an integer >= 0", check=lambda v: v >= 0)
+    default_deadline_ms: int = _opt(60_000, kind=int, expect="an integer between 1 and 86400000",
+                                    check=lambda v: 1 <= v <= 86_400_000)
+    max_concurrency: int = _opt(8, kind=int, expect="an integer between 1 and 4096",
+                                check=lambda v: 1 <= v <= 4096)
+    options: dict = _opt(factory=dict, kind=dict, expect="a table of runtime options")
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    daemon: DaemonConfig
+    broker: BrokerConfig
+    devices: DevicesConfig
+    deployments: tuple[DeploymentConfig, ...]
+
+    def deployment(self, name: str) -> DeploymentConfig:
+        for dep in self.deployments:
+            if dep.name == name:
+                return dep
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-able form, handed to child processes so they never re-read the file."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return cls(
+            path=data["path"],
+            daemon=DaemonConfig(**data["daemon"]),
+            broker=BrokerConfig(**data["broker"]),
+            devices=DevicesConfig(**data["devices"]),
+            deployments=tuple(DeploymentConfig(**d) for d in data["deployments"]),
+        )
+
+
+_SECTIONS = {"daemon": DaemonConfig, "broker": BrokerConfig, "devices": DevicesConfig}
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file. Raises :class:`ConfigError`."""
+    path = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(raw, path)
+
+
+def parse(raw: dict[str, Any], path: str = "<config>") -> Config:
+    """Validate an already-parsed TOML document."""
+    allowed = set(_SECTIONS) | {"deployment"}
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{path}: unknown key {key!r}; expected one of "
+                              f"{', '.join(sorted(allowed))}")
+    sections = {}
+    for key, cls in _SECTIONS.items():
+        table = raw.get(key, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {key}: expected a table [{key}]")
+        sections[key] = _build(cls, table, key, path)
+
+    deployments_raw = raw.get("deployment", [])
+    if not isinstance(deployments_raw, list) or not all(isinstance(d, dict) for d in deployments_raw):
+        raise ConfigError(f"{path}: deployment: expected an array of tables [[deployment]]")
+    if not deployments_raw:
+        raise ConfigError(f"{path}: deployment: expected at least one [[deployment]] table")
+    deployments = []
+    seen: set[str] = set()
+    for index, table in enumerate(deployments_raw):
+        label = f"deployment[{index}]" + (f" ({table['name']})" if isinstance(table.get("name"), str) else "")
+        dep = _build(DeploymentConfig, table, label, path)
+        if dep.name in seen:
+            raise ConfigError(f"{path}: {label}.name: expected a unique name, {dep.name!r} is used twice")
+        seen.add(dep.name)
+        if dep.default_priority >= dep.priority_levels:
+            raise ConfigError(f"{path}: {label}.default_priority: expected an integer between 0 and "
+                              f"{dep.priority_levels - 1} (priority_levels = {dep.priority_levels}), "
+                              f"got {dep.default_priority}")
+        problem = runtimes.validate_options(dep.runtime, dep.options)
+        if problem:
+            raise ConfigError(f"{path}: {label}.options.{problem}")
+        deployments.append(dep)
+
+    return Config(path=path, deployments=tuple(deployments), **sections)
+
+
+def _build(cls: type, table: dict[str, Any], where: str, path: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            raise ConfigError(f"{path}: {where}.{key}: unknown key; expected one of "
+                              f"{', '.join(sorted(fields))}")
+    values = {}
+    for name, f in fields.items():
+        meta = f.metadata
+        if name not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{path}: {where}.{name}: missing; expected {meta['expect']}")
+            continue
+        value = table[name]
+        kind = meta["kind"]
+        ok_type = (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)) or (
+            kind is float and isinstance(value, int) and not isinstance(value, bool)
+        )
+        if not ok_type or not meta["check"](value):
+            raise ConfigError(f"{path}: {where}.{name}: expected {meta['expect']}, got {value!r}")
+        values[name] = float(value) if kind is float else value
+    return cls(**values)

@@ -1,0 +1,207 @@
+"""``inferctl``: talk to a running inferd from a shell.
+
+Every command finds the daemon through the runtime dir (``--runtime-dir``, or
+$INFERD_RUNTIME_DIR, or the default). When no daemon is running each command
+says so in one line and exits 3, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import zmq
+
+from inferd import __version__, errors, protocol as P
+from inferd.client import Client
+from inferd.paths import default_runtime_dir
+
+EXIT_ERROR = 1
+EXIT_NOT_RUNNING = 3
+
+
+def _daemon_alive(runtime_dir: Path) -> bool | None:
+    """True/False from the daemon lock; None when it cannot be checked."""
+    try:
+        fd = os.open(runtime_dir / "inferd.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def control_call(runtime_dir: Path, command: bytes, timeout_s: float) -> dict[str, Any]:
+    socket_path = runtime_dir / "control.sock"
+    if not socket_path.exists() or _daemon_alive(runtime_dir) is False:
+        raise errors.DaemonNotRunning(f"inferd is not running (no live daemon in {runtime_dir})")
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"ipc://{socket_path}")
+        sock.send_multipart(P.encode(P.CONTROL, command, {"id": 1}))
+        if not sock.poll(timeout_s * 1000, zmq.POLLIN):
+            raise errors.DaemonNotRunning(f"inferd is not responding at {socket_path} (no answer in {timeout_s:g} s)")
+        reply, body = P.decode(P.CONTROL, sock.recv_multipart(), frozenset({P.OK, P.ERROR}))
+    finally:
+        sock.close(0)
+    if reply == P.ERROR:
+        raise errors.from_wire(str(body.get("code")), str(body.get("message", "")), body.get("details"))
+    return body["result"]
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
+
+
+class Ctx:
+    def __init__(self, runtime_dir: Path, timeout_s: float):
+        self.runtime_dir = runtime_dir
+        self.timeout_s = timeout_s
+
+    def call(self, command: bytes) -> dict[str, Any]:
+        return control_call(self.runtime_dir, command, self.timeout_s)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--runtime-dir", type=click.Path(file_okay=False), envvar="INFERD_RUNTIME_DIR",
+              help="The daemon's runtime dir (default: $INFERD_RUNTIME_DIR, /run/inferd for root, "
+                   "else $XDG_RUNTIME_DIR/inferd).")
+@click.option("--timeout", "timeout_s", type=float, default=3.0, show_default=True,
+              help="Seconds to wait for the daemon to answer.")
+@click.version_option(__version__, prog_name="inferctl")
+@click.pass_context
+def cli(ctx: click.Context, runtime_dir: str | None, timeout_s: float) -> None:
+    """Control and query a running inferd."""
+    ctx.obj = Ctx(Path(runtime_dir) if runtime_dir else default_runtime_dir(), timeout_s)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status(obj: Ctx, as_json: bool) -> None:
+    """The daemon, the broker, each deployment and each worker."""
+    st = obj.call(P.STATUS)
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    d, b = st["daemon"], st["broker"]
+    click.echo(f"inferd {d.get('version', '?')}  pid {d.get('pid', '?')}  up {d.get('uptime_s', '?')} s  "
+               f"{d.get('state', '?')}  {'READY' if st['ready'] else 'NOT READY'}")
+    click.echo(f"runtime dir {d.get('runtime_dir', obj.runtime_dir)}  config {d.get('config', '?')}")
+    click.echo(f"devices: {d.get('devices', 'unknown')}")
+    click.echo(f"broker pid {b['pid']}  {b['state']}  up {b['uptime_s']} s  "
+               f"restarts {d.get('broker_restarts', 0)}")
+    click.echo("")
+    click.echo(_table(["DEPLOYMENT", "RUNTIME", "STATE", "READY", "QUEUED", "IN_FLIGHT"],
+                      [[n, v["runtime"], v["state"], f"{v['ready']}/{v['replicas']}", v["queued"], v["in_flight"]]
+                       for n, v in st["deployments"].items()]))
+    click.echo("")
+    click.echo(_table(["WORKER", "DEPLOYMENT", "DEVICE", "PID", "STATE", "RESTARTS", "CREDITS", "IN_FLIGHT",
+                       "LAST_EXIT"],
+                      [[w["id"], w["deployment"], w["device"], w["pid"] or None, w["state"], w["restarts"],
+                        w["credits"], w["in_flight"], w["last_exit"]] for w in st["workers"]]))
+
+
+def _ms(dist: dict[str, Any], key: str) -> str:
+    return f"{dist[key]:.1f}" if key in dist else "-"
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def metrics(obj: Ctx, as_json: bool) -> None:
+    """Per-deployment counters and latency distributions (ms)."""
+    m = obj.call(P.METRICS)
+    if as_json:
+        click.echo(json.dumps(m, indent=2, sort_keys=True))
+        return
+    click.echo(_table(
+        ["DEPLOYMENT", "QUEUED", "IN_FLIGHT", "COMPLETED", "FAILED", "BACKPRESSURE", "TIMED_OUT", "CANCELLED"],
+        [[n, v["queued"], v["in_flight"], v["completed"], v["failed"], v["rejected_backpressure"],
+          v["timed_out"], v["cancelled"]] for n, v in m.items()]))
+    click.echo("")
+    rows = []
+    for name, v in m.items():
+        for dist in ("queue_ms", "first_chunk_ms", "latency_ms"):
+            s = v[dist]
+            rows.append([name, dist, s["count"], _ms(s, "p50"), _ms(s, "p90"), _ms(s, "p99"), _ms(s, "max")])
+    click.echo(_table(["DEPLOYMENT", "DISTRIBUTION", "COUNT", "P50", "P90", "P99", "MAX"], rows))
+
+
+def _param(value: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+@cli.command()
+@click.argument("deployment")
+@click.argument("prompt")
+@click.option("--priority", type=int, help="0 is the most urgent.")
+@click.option("--deadline-ms", type=int, help="Shortens the deployment's default deadline.")
+@click.option("--affinity", help="Session key for sticky routing.")
+@click.option("--max-tokens", type=int, help="At most this many chunks.")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="A runtime param; repeatable.")
+@click.pass_obj
+def generate(obj: Ctx, deployment: str, prompt: str, priority: int | None, deadline_ms: int | None,
+             affinity: str | None, max_tokens: int | None, params: tuple[str, ...]) -> None:
+    """Stream DEPLOYMENT's output for PROMPT to stdout as it arrives."""
+    extra: dict[str, Any] = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--param")
+        extra[key] = _param(value)
+    if max_tokens is not None:
+        extra["max_tokens"] = max_tokens
+    with Client(runtime_dir=obj.runtime_dir, answer_timeout_s=obj.timeout_s) as client:
+        stream = client.generate(deployment, prompt, priority=priority, deadline_ms=deadline_ms,
+                                 affinity=affinity, **extra)
+        with stream:
+            first = True
+            for chunk in stream:
+                if chunk.text:
+                    sys.stdout.write(chunk.text if first else stream.join + chunk.text)
+                    sys.stdout.flush()
+                    first = False
+        sys.stdout.write("\n")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("inferctl: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except errors.DaemonNotRunning as exc:
+        click.echo(f"inferctl: {exc.message}", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    except errors.InferdError as exc:
+        click.echo(f"inferctl: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        click.echo("\ninferctl: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,66 @@
+"""``inferd``: validate the config, claim the runtime dir, and run the supervisor."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from inferd import __version__, exitcodes
+from inferd.config import ConfigError, load
+from inferd.devices import discover
+from inferd.paths import Endpoints, RuntimeDirBusy, RuntimeDirError, default_runtime_dir, lock, prepare
+from inferd.placement import plan
+from inferd.proc import setup_logging
+from inferd.restart import FixedDelay
+from inferd.supervisor import Supervisor
+
+DEFAULT_CONFIG = "/etc/inferd/inferd.toml"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="INFERD_CONFIG",
+              default=DEFAULT_CONFIG, show_default=True, help="The TOML config file.")
+@click.option("--runtime-dir", type=click.Path(file_okay=False),
+              help="Directory for the ipc sockets; overrides the config's daemon.runtime_dir.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Overrides the config's daemon.log_level.")
+@click.option("--check", is_flag=True, help="Validate the config, print the worker plan and exit.")
+@click.version_option(__version__, prog_name="inferd")
+def main(config_path: str, runtime_dir: str | None, log_level: str | None, check: bool) -> None:
+    """Run the inferd supervisor in the foreground (systemd, supervisord or a terminal)."""
+    try:
+        config = load(config_path)
+    except ConfigError as exc:
+        click.echo(f"inferd: bad config: {exc}", err=True)
+        sys.exit(exitcodes.CONFIG)
+    setup_logging("supervisor", log_level or config.daemon.log_level)
+    log = logging.getLogger("inferd")
+    devices, note = discover(config.devices.cpu_devices)
+    plans = plan(config, devices)
+    if check:
+        click.echo(f"{config_path}: OK ({note})")
+        for p in plans:
+            click.echo(f"  {p.id}: deployment {p.deployment} on {p.device.id} ({p.device.name})")
+        return
+    run_dir = Path(runtime_dir or config.daemon.runtime_dir or default_runtime_dir()).absolute()
+    endpoints = Endpoints.for_dir(run_dir, config.broker.frontend)
+    try:
+        prepare(run_dir, endpoints)
+        lock_fd = lock(run_dir)
+    except RuntimeDirBusy as exc:
+        log.error("%s; refusing to start", exc)
+        sys.exit(exitcodes.RUNTIME_DIR_BUSY)
+    except RuntimeDirError as exc:
+        log.error("%s", exc)
+        sys.exit(exitcodes.FAILURE)
+    if log_level:  # children read the level from the config they are handed
+        config = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, log_level=log_level))
+    code = Supervisor(config, endpoints, devices, note, plans, FixedDelay(config.daemon.restart_delay_ms / 1000)).run()
+    os.close(lock_fd)
+    sys.exit(code)
+

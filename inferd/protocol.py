@@ -1,0 +1,182 @@
+"""The inferd wire protocol: frame layout, command names and the msgpack codec.
+
+Every message on every inferd socket is three ZeroMQ frames after any ROUTER
+routing id::
+
+    [channel signature, command, msgpack body]
+
+The signature names the channel and its version (``IFDC1``: client v1), so a
+peer that connects to the wrong socket, or speaks another version, gets a
+clear BAD_REQUEST instead of undefined behaviour. ``docs/protocol.md`` is the
+normative description; this module is its single implementation, shared by
+the broker, the workers, the supervisor, the client and ``inferctl``.
+
+Decoding is strict and never raises anything but :class:`ProtocolError`, so a
+process loop can turn any malformed input into an answer and carry on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from inferd.errors import ErrorCode
+
+# Channel signatures (frame 0).
+CLIENT = b"IFDC1"      # clients <-> broker frontend
+WORKER = b"IFDW1"      # workers <-> broker backend
+CONTROL = b"IFDA1"     # inferctl <-> broker control endpoint
+SUPERVISOR = b"IFDS1"  # broker <-> supervisor link
+
+# Client -> broker.
+SUBMIT = b"SUBMIT"
+CANCEL = b"CANCEL"
+PING = b"PING"
+# Broker -> client.
+ACCEPTED = b"ACCEPTED"
+CHUNK = b"CHUNK"
+DONE = b"DONE"
+ERROR = b"ERROR"
+PONG = b"PONG"
+
+# Worker -> broker (plus CHUNK, DONE, ERROR).
+READY = b"READY"
+HEARTBEAT = b"HEARTBEAT"
+# Broker -> worker (plus CANCEL, HEARTBEAT).
+REQUEST = b"REQUEST"
+DISCONNECT = b"DISCONNECT"
+
+# inferctl -> broker control endpoint; answered with OK or ERROR.
+STATUS = b"STATUS"
+METRICS = b"METRICS"
+OK = b"OK"
+
+# Broker <-> supervisor link.
+HELLO = b"HELLO"              # broker -> supervisor: I am up (and after a restart)
+WORKERS = b"WORKERS"          # supervisor -> broker: the process table
+WORKER_EXITED = b"WORKER_EXITED"
+DRAIN = b"DRAIN"              # supervisor -> broker: stop accepting, finish in-flight
+DRAINED = b"DRAINED"          # broker -> supervisor: nothing left in flight
+READINESS = b"READINESS"      # broker -> supervisor: deployments with a ready worker
+
+CLIENT_COMMANDS = frozenset({SUBMIT, CANCEL, PING})
+WORKER_COMMANDS = frozenset({READY, HEARTBEAT, CHUNK, DONE, ERROR})
+CONTROL_COMMANDS = frozenset({STATUS, METRICS})
+
+# Finish reasons carried by DONE (and by the last CHUNK when the runtime knows it is last).
+FINISH_STOP = "stop"          # the output ended on its own (end of text, a stop string)
+FINISH_LENGTH = "length"      # max_tokens reached
+
+
+class ProtocolError(Exception):
+    """A message that does not follow the protocol; ``reason`` is safe to send back."""
+
+    def __init__(self, reason: str, request_id: Any = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def pack(body: dict[str, Any]) -> bytes:
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict[str, Any]:
+    """Decode a msgpack body that must be a map with string keys."""
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext)
+    except Exception as exc:  # msgpack raises a zoo of types; all mean "malformed".
+        raise ProtocolError(f"body is not valid msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"body must be a msgpack map, got {type(body).__name__}")
+    return body
+
+
+def encode(signature: bytes, command: bytes, body: dict[str, Any]) -> list[bytes]:
+    return [signature, command, pack(body)]
+
+
+def decode(signature: bytes, frames: list[bytes], commands: frozenset[bytes]) -> tuple[bytes, dict[str, Any]]:
+    """Split ``[signature, command, body]`` (routing id already removed)."""
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 frames [signature, command, body], got {len(frames)}")
+    sig, command, data = frames
+    if sig != signature:
+        raise ProtocolError(
+            f"unsupported protocol signature {sig[:16]!r}; this endpoint speaks {signature.decode()}"
+        )
+    body = unpack(data)
+    if command not in commands:
+        raise ProtocolError(f"unknown command {command[:32]!r}", body.get("id"))
+    return command, body
+
+
+def error_body(request_id: Any, code: ErrorCode, message: str, details: dict[str, Any] | None = None) -> dict:
+    body: dict[str, Any] = {"id": request_id, "code": code.value, "message": message}
+    if details:
+        body["details"] = details
+    return body
+
+
+# --- field validation -------------------------------------------------------------------------
+
+MAX_ID_BYTES = 128
+
+
+def valid_request_id(value: Any) -> bool:
+    """Client request ids are strings (at most 128 bytes) or 64-bit integers."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**64
+    if isinstance(value, str):
+        return 0 < len(value.encode()) <= MAX_ID_BYTES
+    return False
+
+
+def check_fields(body: dict[str, Any], spec: dict[str, tuple[type | tuple[type, ...], bool]], what: str) -> None:
+    """Check ``body`` against ``{field: (types, required)}``; unknown fields are errors.
+
+    Strictness catches typos such as ``priorty`` that would otherwise be
+    silently ignored and leave the caller wondering why nothing changed.
+    """
+    request_id = body.get("id")
+    for name in body:
+        if name not in spec:
+            raise ProtocolError(f"{what}: unknown field {name!r}", request_id)
+    for name, (types, required) in spec.items():
+        if name not in body or body[name] is None:
+            if required:
+                raise ProtocolError(f"{what}: missing field {name!r}", request_id)
+            continue
+        value = body[name]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise ProtocolError(f"{what}: field {name!r} must be {_type_names(types)}, got bool", request_id)
+        if not isinstance(value, types):
+            raise ProtocolError(
+                f"{what}: field {name!r} must be {_type_names(types)}, got {type(value).__name__}", request_id
+            )
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", dict: "a map", list: "an array", bool: "a boolean"}
+    seq = types if isinstance(types, tuple) else (types,)
+    return " or ".join(names.get(t, t.__name__) for t in seq)
+
+
+SUBMIT_FIELDS = {
+    "id": ((int, str), True),
+    "deployment": (str, True),
+    "prompt": (str, True),
+    "priority": (int, False),
+    "deadline_ms": (int, False),
+    "affinity": (str, False),
+    "params": (dict, False),
+}
+CANCEL_FIELDS = {"id": ((int, str), True)}
+PING_FIELDS = {"id": ((int, str), False)}

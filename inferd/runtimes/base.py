@@ -1,0 +1,84 @@
+"""The ModelRunner interface every runtime implements (echo, torch, remote).
+
+A runner lives in a worker process and is driven by one engine thread
+(``inferd.worker.engine``), so it needs no locking. The interface is
+iteration-level, as in Orca and vLLM: requests are admitted and cancelled
+between steps, and each :meth:`ModelRunner.step` advances every admitted
+request by one iteration, producing at most one chunk per request. A runner
+that batches does so inside ``step``; one that waits on something (a delay, a
+network stream) says how long through :meth:`ModelRunner.next_step_in`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+from inferd.devices import Device
+from inferd.errors import ErrorCode
+
+
+@dataclass(slots=True)
+class RunRequest:
+    rid: int
+    prompt: str
+    params: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Output:
+    """One step's result for one request.
+
+    ``text`` is a chunk (None: no chunk this time). ``finish_reason`` marks the
+    request's last output. ``error`` ends the request with that code instead.
+    """
+
+    rid: int
+    text: str | None = None
+    finish_reason: str | None = None
+    error: ErrorCode | None = None
+    message: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class ModelRunner(abc.ABC):
+    def __init__(self, options: dict[str, Any], device: Device, capacity: int):
+        self.options = options
+        self.device = device
+        self.capacity = capacity  # the most requests admitted at once: the worker's credits
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load onto ``self.device``. May take long; the worker heartbeats meanwhile."""
+
+    @abc.abstractmethod
+    def admit(self, request: RunRequest) -> None:
+        """Take a request; its outputs come from later steps. Never more than ``capacity`` at once."""
+
+    @abc.abstractmethod
+    def cancel(self, rid: int) -> None:
+        """Stop working on a request now; no further output for it. Unknown rids are ignored."""
+
+    @abc.abstractmethod
+    def step(self) -> list[Output]:
+        """Advance every due request by one iteration."""
+
+    @abc.abstractmethod
+    def next_step_in(self) -> float | None:
+        """Seconds until :meth:`step` has work (0: now); None when nothing is admitted."""
+
+    def rebuild(self) -> None:
+        """Rebuild the model session (drop caches, reload). The default reloads."""
+        self.close()
+        self.load()
+
+    def load_report(self) -> dict[str, Any]:
+        """Runtime-specific load figures for the worker's heartbeat."""
+        return {}
+
+    def close(self) -> None:
+        """Release the device's resources."""

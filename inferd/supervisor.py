@@ -1,0 +1,331 @@
+"""The supervisor: the process systemd starts. It owns the children, nothing else.
+
+One master loop, as in gunicorn's arbiter: signal handlers only append the
+signal to a list and write to a wake-up pipe; the loop polls that pipe and the
+link socket to the broker, then acts: reap exited children, ask the restart
+policy, start what is due, and walk the shutdown sequence.
+
+It binds only the link socket its broker connects to. It never imports torch
+and never touches CUDA: it discovers devices through NVML and pins each worker
+by putting CUDA_VISIBLE_DEVICES into the worker's environment before exec.
+
+Shutdown:
+
+* SIGTERM drains: the broker stops accepting, fails what is queued with
+  SHUTTING_DOWN, and has ``drain_grace_s`` to finish what is in flight. Then
+  the children get SIGTERM, then SIGKILL after ``stop_timeout_s``. Exit 0.
+* SIGINT stops fast: the same with no grace.
+* A second SIGTERM or SIGINT during a shutdown kills the children at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from inferd import __version__, protocol as P
+from inferd.config import Config
+from inferd.devices import Device
+from inferd.paths import Endpoints, private_umask
+from inferd.placement import WorkerPlan
+from inferd.proc import PARENT_ENV, SPEC_ENV
+from inferd.restart import RestartPolicy
+from inferd.sdnotify import Notifier
+
+log = logging.getLogger("inferd.supervisor")
+
+BROKER = "broker"
+# How long the broker may take to confirm a drain beyond the grace period
+# before the supervisor stops waiting for it.
+DRAIN_SLACK_S = 5.0
+
+
+@dataclass(eq=False)
+class Child:
+    name: str
+    module: str
+    spec: dict[str, Any]
+    env: dict[str, str]
+    plan: WorkerPlan | None = None
+    proc: subprocess.Popen | None = None
+    state: str = "stopped"
+    restarts: int = 0
+    restart_at: float | None = None
+    last_exit: str | None = None
+    started_at: float = field(default=0.0)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def row(self) -> dict[str, Any]:
+        assert self.plan is not None
+        return {"id": self.name, "deployment": self.plan.deployment, "replica": self.plan.replica,
+                "device": self.plan.device.id, "pid": self.pid or 0, "state": self.state,
+                "restarts": self.restarts, "last_exit": self.last_exit}
+
+
+def describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+class Supervisor:
+    def __init__(self, config: Config, endpoints: Endpoints, devices: list[Device], device_note: str,
+                 plans: list[WorkerPlan], policy: RestartPolicy):
+        self.config = config
+        self.endpoints = endpoints
+        self.devices = devices
+        self.device_note = device_note
+        self.policy = policy
+        self.notifier = Notifier()
+        self.started = time.time()
+        self.signals: list[int] = []
+        self.phase = "running"          # running -> draining -> stopping
+        self.phase_deadline = float("inf")
+        self.broker_peer: bytes | None = None
+        self.all_ready_once = False
+
+        base = {"config": config.to_dict(), "runtime_dir": str(endpoints.runtime_dir),
+                "frontend": config.broker.frontend}
+        self.broker = Child(BROKER, "inferd.broker", base, {"CUDA_VISIBLE_DEVICES": ""})
+        self.workers = [
+            Child(p.id, "inferd.worker", {**base, "worker": p.id, "deployment": p.deployment,
+                                          "device": p.device.to_dict()},
+                  {"CUDA_VISIBLE_DEVICES": p.device.cuda_visible_devices}, plan=p)
+            for p in plans
+        ]
+        self.ctx = zmq.Context()
+        self.link = self.ctx.socket(zmq.ROUTER)
+        self.link.setsockopt(zmq.LINGER, 0)
+        self.link.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        with private_umask():
+            self.link.bind(endpoints.supervisor)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # --- signals: record only -------------------------------------------------------------
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, self._record)
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        log.info("inferd %s starting: runtime dir %s, config %s", __version__, self.endpoints.runtime_dir,
+                 self.config.path)
+        log.info("devices: %s", self.device_note)
+        for dev in self.devices:
+            log.info("device %s: %s%s", dev.id, dev.name, " (CPU device: no GPU)" if dev.kind == "cpu" else "")
+        self._spawn(self.broker)
+        for child in self.workers:
+            self._spawn(child)
+        self.notifier.notify(status="starting workers")
+        poller = zmq.Poller()
+        poller.register(self.link, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while True:
+            timeout = min(1.0, max(0.0, self._next_timer() - time.monotonic()))
+            for sock, _ in poller.poll(timeout * 1000):
+                if sock is self.link:
+                    self._read_link()
+                else:
+                    os.read(self._wake_r, 512)
+            self._handle_signals()
+            self._reap()
+            self._run_timers()
+            if self.phase == "stopping" and not self._alive():
+                break
+        log.info("inferd stopped")
+        self.link.close(0)
+        self.ctx.term()
+        return 0
+
+    def _next_timer(self) -> float:
+        times = [c.restart_at for c in self._children() if c.restart_at is not None]
+        return min([self.phase_deadline, *times])
+
+    def _children(self) -> list[Child]:
+        return [self.broker, *self.workers]
+
+    def _alive(self) -> list[Child]:
+        return [c for c in self._children() if c.proc is not None]
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig == signal.SIGCHLD:
+                continue  # _reap runs after every wake-up
+            if sig == signal.SIGHUP:
+                log.info("SIGHUP: configuration reload is not supported yet; ignored")
+            elif self.phase != "running":
+                log.warning("%s during shutdown: killing children now", signal.Signals(sig).name)
+                self._stop_children(signal.SIGKILL)
+            else:
+                grace = self.config.daemon.drain_grace_s if sig == signal.SIGTERM else 0.0
+                log.info("%s: draining (grace %.1f s)", signal.Signals(sig).name, grace)
+                self._begin_drain(grace)
+
+    # --- shutdown -------------------------------------------------------------------------
+
+    def _begin_drain(self, grace: float) -> None:
+        self.phase = "draining"
+        self.notifier.notify(stopping="1", status="draining")
+        self._publish()
+        if self.broker_peer is None or self.broker.proc is None:
+            self._begin_stop()
+            return
+        self._to_broker(P.DRAIN, {"grace_s": grace})
+        self.phase_deadline = time.monotonic() + grace + DRAIN_SLACK_S
+
+    def _begin_stop(self) -> None:
+        self.phase = "stopping"
+        self.phase_deadline = time.monotonic() + self.config.daemon.stop_timeout_s
+        for child in self._children():
+            child.restart_at = None
+        self._stop_children(signal.SIGTERM)
+
+    def _stop_children(self, sig: int) -> None:
+        for child in self._alive():
+            try:
+                child.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        if now >= self.phase_deadline:
+            if self.phase == "draining":
+                log.warning("the broker did not confirm the drain in time; stopping anyway")
+                self._begin_stop()
+            elif self.phase == "stopping":
+                log.warning("children still alive after %.1f s; sending SIGKILL", self.config.daemon.stop_timeout_s)
+                self._stop_children(signal.SIGKILL)
+                self.phase_deadline = float("inf")
+        if self.phase != "running":
+            return
+        for child in self._children():
+            if child.restart_at is not None and now >= child.restart_at:
+                child.restart_at = None
+                child.restarts += 1
+                self._spawn(child)
+
+    # --- children -------------------------------------------------------------------------
+
+    def _spawn(self, child: Child) -> None:
+        env = dict(os.environ)
+        env.update(child.env)
+        env[SPEC_ENV] = json.dumps(child.spec)
+        env[PARENT_ENV] = str(os.getpid())
+        # A session of its own: a terminal's Ctrl-C or `kill -- -PGID` reaches only the
+        # supervisor, which then stops the children in order (drain first).
+        child.proc = subprocess.Popen([sys.executable, "-m", child.module], env=env, stdin=subprocess.DEVNULL,
+                                      close_fds=True, start_new_session=True)
+        child.state = "running"
+        child.started_at = time.monotonic()
+        log.info("started %s (pid %d)%s", child.name, child.proc.pid,
+                 f" on {child.plan.device.id}" if child.plan else "")
+        if child.plan is not None:
+            self._publish()
+
+    def _reap(self) -> None:
+        for child in self._children():
+            if child.proc is None:
+                continue
+            status = child.proc.poll()  # waitpid(pid, WNOHANG): no zombies
+            if status is None:
+                continue
+            pid = child.proc.pid
+            child.proc = None
+            child.last_exit = describe_exit(status)
+            level = logging.INFO if self.phase != "running" else logging.WARNING
+            log.log(level, "%s (pid %d) %s", child.name, pid, child.last_exit)
+            if child is self.broker:
+                self.broker_peer = None
+            else:
+                self._to_broker(P.WORKER_EXITED, {"worker": child.name, "pid": pid, "status": status})
+            if self.phase != "running":
+                child.state = "stopped"
+            else:
+                delay = self.policy.on_exit(child.name, status, time.monotonic())
+                if delay is None:
+                    child.state = "stopped"
+                else:
+                    child.state = "restarting"
+                    child.restart_at = time.monotonic() + delay
+            if child.plan is not None:
+                self._publish()
+
+    # --- the link to the broker -----------------------------------------------------------
+
+    def _read_link(self) -> None:
+        while True:
+            try:
+                frames = self.link.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            peer, rest = frames[0], frames[1:]
+            try:
+                command, body = P.decode(P.SUPERVISOR, rest, frozenset({P.HELLO, P.READINESS, P.DRAINED}))
+            except P.ProtocolError as exc:
+                log.error("malformed message on the supervisor link: %s", exc.reason)
+                continue
+            if command == P.HELLO:
+                self.broker_peer = peer
+                log.info("broker up (pid %s)", body.get("pid"))
+                self._publish()
+                if self.phase == "draining":  # a broker restarted mid-drain has nothing in flight
+                    self._begin_stop()
+            elif command == P.READINESS:
+                self._on_readiness(body.get("deployments", {}))
+            elif command == P.DRAINED and self.phase == "draining":
+                log.info("drain complete")
+                self._begin_stop()
+
+    def _on_readiness(self, ready: dict[str, int]) -> None:
+        summary = ", ".join(f"{name} {count}/{self.config.deployment(name).replicas}"
+                            for name, count in ready.items())
+        if all(ready.values()) and not self.all_ready_once:
+            self.all_ready_once = True
+            log.info("serving: %s", summary)
+            self.notifier.notify(ready="1", status=f"serving: {summary}")
+        else:
+            self.notifier.notify(status=f"workers ready: {summary}")
+
+    def _to_broker(self, command: bytes, body: dict[str, Any]) -> None:
+        if self.broker_peer is None:
+            return
+        try:
+            self.link.send_multipart([self.broker_peer, *P.encode(P.SUPERVISOR, command, body)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the broker is gone; its HELLO after the restart resends the table
+
+    def _publish(self) -> None:
+        """Send the broker the process table that ``inferctl status`` shows."""
+        self._to_broker(P.WORKERS, {
+            "daemon": {"pid": os.getpid(), "version": __version__, "config": self.config.path,
+                       "runtime_dir": str(self.endpoints.runtime_dir), "state": self.phase,
+                       "started_at": self.started, "devices": self.device_note,
+                       "broker_restarts": self.broker.restarts},
+            "devices": [d.to_dict() for d in self.devices],
+            "workers": [c.row() for c in self.workers],
+        })

@@ -1,0 +1,3 @@
+from inferd.worker.process import main
+
+main()

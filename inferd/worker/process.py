@@ -1,0 +1,214 @@
+"""The worker process: one device context, one runner, one DEALER to the broker.
+
+The supervisor pins the device by setting CUDA_VISIBLE_DEVICES in this
+process's environment before the interpreter starts, so nothing here can
+initialize CUDA on the wrong device. The runtime's module (and so torch, for
+the torch runtime) is imported only after that, in :func:`main`.
+
+The main thread speaks the worker protocol and heartbeats; the engine thread
+(:mod:`inferd.worker.engine`) runs the model. When the broker goes silent or
+says DISCONNECT, the worker drops what it was doing (the broker has already
+answered those requests, or is gone), reconnects and registers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from inferd import exitcodes, protocol as P, runtimes
+from inferd.config import Config
+from inferd.devices import Device
+from inferd.errors import ErrorCode
+from inferd.paths import Endpoints
+from inferd.proc import child_signals, child_spec, die_with_parent, setup_logging
+from inferd.runtimes.base import Output, RunRequest
+from inferd.worker.engine import Engine
+
+log = logging.getLogger("inferd.worker")
+
+
+class Worker:
+    def __init__(self, worker_id: str, config: Config, deployment: str, device: Device, endpoints: Endpoints):
+        self.id = worker_id
+        self.deployment = config.deployment(deployment)
+        self.device = device
+        self.endpoint = endpoints.backend
+        self.max_bytes = config.broker.max_message_bytes
+        self.hb_interval = config.broker.heartbeat_interval_ms / 1000
+        self.hb_expiry = self.hb_interval * config.broker.heartbeat_liveness
+        self.ctx = zmq.Context()
+        self.sock: zmq.Socket | None = None
+        self.in_flight: set[int] = set()
+        self.stopping = False
+
+        wake_endpoint = f"inproc://wake-{id(self)}"
+        self.wake_rx = self.ctx.socket(zmq.PAIR)
+        self.wake_rx.bind(wake_endpoint)
+        self._wake_tx = self.ctx.socket(zmq.PAIR)  # used by the engine thread only
+        self._wake_tx.connect(wake_endpoint)
+        self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+        spec = runtimes.SPECS[self.deployment.runtime]
+        runner = spec.load_runner_class()(self.deployment.options, device, self.deployment.max_concurrency)
+        self.engine = Engine(runner, self._wake)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a wake-up is already pending
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    # --- connection ------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.id.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
+        self.sock.connect(self.endpoint)
+        self.broker_seen = time.monotonic()
+        self._reported_state = self.engine.state
+        self.send(P.READY, {"deployment": self.deployment.name, "device": self.device.id, "pid": os.getpid(),
+                            "runtime": self.deployment.runtime, **self._load()})
+
+    def reconnect(self, why: str) -> None:
+        log.warning("re-registering with the broker: %s; dropping %d request(s)", why, len(self.in_flight))
+        for rid in self.in_flight:
+            self.engine.cancel(rid)
+        self.in_flight.clear()
+        self.engine.outputs.clear()  # their requests belong to a broker that has let them go
+        self.connect()
+
+    def send(self, command: bytes, body: dict[str, Any]) -> None:
+        body["worker"] = self.id
+        self.sock.send_multipart(P.encode(P.WORKER, command, body))
+        self.last_sent = time.monotonic()
+
+    def _load(self) -> dict[str, Any]:
+        ready = self.engine.state == "ready"
+        return {"state": self.engine.state, "credits": self.deployment.max_concurrency if ready else 0,
+                "in_flight": len(self.in_flight)}
+
+    # --- loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        child_signals(self._on_term, self._sig_w)
+        self.connect()
+        self.engine.start()
+        poller = zmq.Poller()
+        poller.register(self.wake_rx, zmq.POLLIN)
+        poller.register(self._sig_r, zmq.POLLIN)
+        sock = None
+        while not self.stopping:
+            if sock is not self.sock:  # (re)connected: poll the new socket
+                if sock is not None:
+                    poller.unregister(sock)
+                sock = self.sock
+                poller.register(sock, zmq.POLLIN)
+            timeout = max(0.0, self.last_sent + self.hb_interval - time.monotonic())
+            for ready, _ in poller.poll(timeout * 1000):
+                if ready is sock:
+                    self._from_broker()
+                elif ready is self.wake_rx:
+                    self._drain_wakeups()
+                else:
+                    os.read(self._sig_r, 512)
+            if self.engine.state == "failed":
+                self.send(P.HEARTBEAT, self._load())
+                log.error("worker %s cannot serve: %s", self.id, self.engine.load_error)
+                return exitcodes.WORKER_LOAD_FAILED
+            now = time.monotonic()
+            if now - self.broker_seen > self.hb_expiry:
+                self.reconnect(f"no word from the broker for {now - self.broker_seen:.1f} s")
+            elif now - self.last_sent >= self.hb_interval or self.engine.state != self._reported_state:
+                self._reported_state = self.engine.state
+                self.send(P.HEARTBEAT, self._load())
+        self.engine.stop()
+        return 0
+
+    def _from_broker(self) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.broker_seen = time.monotonic()
+            try:
+                command, body = P.decode(P.WORKER, frames, frozenset({P.REQUEST, P.CANCEL, P.HEARTBEAT,
+                                                                      P.DISCONNECT}))
+            except P.ProtocolError as exc:
+                log.error("malformed message from the broker: %s", exc.reason)
+                continue
+            if command == P.REQUEST:
+                self._admit(body)
+            elif command == P.CANCEL:
+                self.engine.cancel(body.get("rid"))
+            elif command == P.DISCONNECT:
+                return self.reconnect(f"the broker said DISCONNECT ({body.get('reason', '')})")
+
+    def _admit(self, body: dict[str, Any]) -> None:
+        rid = body.get("rid")
+        if self.engine.state != "ready" or len(self.in_flight) >= self.deployment.max_concurrency:
+            # The broker never sends more than our credits; if it does, say so rather than overcommit.
+            self.send(P.ERROR, {"rid": rid, **P.error_body(None, ErrorCode.INTERNAL, "worker has no free credit")})
+            return
+        self.in_flight.add(rid)
+        self.engine.admit(RunRequest(rid, body.get("prompt", ""), body.get("params") or {}))
+
+    def _drain_wakeups(self) -> None:
+        while True:
+            try:
+                self.wake_rx.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        outputs = self.engine.outputs
+        while outputs:
+            for out in outputs.popleft():
+                self._forward(out)
+
+    def _forward(self, out: Output) -> None:
+        if out.rid not in self.in_flight:
+            return  # dropped at a reconnect
+        if out.text is not None:
+            chunk: dict[str, Any] = {"rid": out.rid, "text": out.text}
+            if out.finish_reason:
+                chunk["finish_reason"] = out.finish_reason
+            self.send(P.CHUNK, chunk)
+        if out.error is not None:
+            self.in_flight.discard(out.rid)
+            self.send(P.ERROR, {"rid": out.rid, **P.error_body(None, out.error, out.message)})
+        elif out.finish_reason:
+            self.in_flight.discard(out.rid)
+            self.send(P.DONE, {"rid": out.rid, "finish_reason": out.finish_reason})
+
+
+def main() -> None:
+    spec = child_spec()
+    config = Config.from_dict(spec["config"])
+    setup_logging(f"worker {spec['worker']}", config.daemon.log_level)
+    die_with_parent()
+    device = Device(**spec["device"])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible != device.cuda_visible_devices:
+        log.error("CUDA_VISIBLE_DEVICES is %r, expected %r; refusing to run on the wrong device",
+                  visible, device.cuda_visible_devices)
+        sys.exit(exitcodes.WORKER_LOAD_FAILED)
+    log.info("worker %s starting: deployment=%s device=%s (%s)", spec["worker"], spec["deployment"], device.id,
+             "CPU device, no GPU visible" if device.kind == "cpu" else f"GPU {device.uuid}")
+    worker = Worker(spec["worker"], config, spec["deployment"], device,
+                    Endpoints.for_dir(Path(spec["runtime_dir"]), spec.get("frontend")))
+    code = worker.run()
+    logging.shutdown()
+    os._exit(code)  # do not wait on the engine thread: a runner may be mid-step
