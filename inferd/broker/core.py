@@ -73,12 +73,16 @@ class WorkerRecord:
     credits: int
     state: str
     last_seen: float
-    outstanding: dict[int, Request] = field(default_factory=dict)
+    requests: dict[int, Request] = field(default_factory=dict)   # dispatched, not yet final from the worker
     dispatch_seq: int = 0
 
     @property
+    def outstanding(self) -> int:
+        return len(self.requests)
+
+    @property
     def free(self) -> int:
-        return self.credits - len(self.outstanding) if self.state == "ready" else 0
+        return self.credits - len(self.requests) if self.state == "ready" else 0
 
 
 class Deployment:
@@ -246,13 +250,13 @@ class BrokerCore:
         if command == P.HEARTBEAT:
             self._update_load(worker, body)
             return
-        req = worker.outstanding.get(body.get("rid"))
+        req = worker.requests.get(body.get("rid"))
         if req is None:
             return  # a late message for a request already given up on
         if command == P.CHUNK:
             self._chunk(req, body)
         else:
-            del worker.outstanding[req.rid]
+            del worker.requests[req.rid]
             req.worker = None
             self._worker_final(req, command, body)
             self._dispatch(worker.deployment)
@@ -331,8 +335,8 @@ class BrokerCore:
         self.workers.pop(worker.id, None)
         dep = worker.deployment
         dep.workers.pop(worker.id, None)
-        lost = list(worker.outstanding.values())
-        worker.outstanding.clear()
+        lost = list(worker.requests.values())
+        worker.requests.clear()
         log.warning("worker %s (pid %d) lost: %s; %d request(s) affected", worker.id, worker.pid, why, len(lost))
         for req in lost:
             req.worker = None
@@ -359,7 +363,7 @@ class BrokerCore:
             worker = dep.router.choose(candidates, req.affinity)
             self._dispatch_seq += 1
             worker.dispatch_seq = self._dispatch_seq
-            worker.outstanding[req.rid] = req
+            worker.requests[req.rid] = req
             req.worker = worker
             req.dispatches += 1
             now = self.clock()
@@ -501,7 +505,7 @@ class BrokerCore:
                 registered = worker is not None and worker.pid == proc["pid"]
                 row["state"] = worker.state if registered else "starting"
             row["credits"] = worker.credits if worker else 0
-            row["in_flight"] = len(worker.outstanding) if worker else 0
+            row["in_flight"] = len(worker.requests) if worker else 0
             rows.append(row)
         deployments = {}
         for name, dep in self.deployments.items():

@@ -1,0 +1,5 @@
+"""``python -m inferd`` runs the daemon, like the ``inferd`` command."""
+
+from inferd.daemon import main
+
+main()
