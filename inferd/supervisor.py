@@ -45,6 +45,7 @@ from inferd.sdnotify import Notifier
 log = logging.getLogger("inferd.supervisor")
 
 BROKER = "broker"
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 # How long the broker may take to confirm a drain beyond the grace period
 # before the supervisor stops waiting for it.
 DRAIN_SLACK_S = 5.0
@@ -234,6 +235,8 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         env = dict(os.environ)
         env.update(child.env)
+        # Children import the very package this supervisor runs, installed or not.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
         env[SPEC_ENV] = json.dumps(child.spec)
         env[PARENT_ENV] = str(os.getpid())
         # A session of its own: a terminal's Ctrl-C or `kill -- -PGID` reaches only the
