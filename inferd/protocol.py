@@ -91,7 +91,8 @@ def unpack(data: bytes) -> dict[str, Any]:
     try:
         body = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext)
     except Exception as exc:  # msgpack raises a zoo of types; all mean "malformed".
-        raise ProtocolError(f"body is not valid msgpack: {exc}") from None
+        detail = f": {exc}" if str(exc) else ""
+        raise ProtocolError(f"body is not valid msgpack ({type(exc).__name__}{detail})") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"body must be a msgpack map, got {type(body).__name__}")
     return body

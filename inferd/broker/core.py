@@ -147,8 +147,17 @@ class BrokerCore:
 
     def _reject(self, client: bytes, cid: Any, code: ErrorCode, message: str,
                 details: dict[str, Any] | None = None) -> None:
-        """A final ERROR for a request that was never accepted."""
+        """An ERROR for a message that was not accepted.
+
+        If its id belongs to a request still in flight (a duplicate SUBMIT, a
+        malformed CANCEL), the error must not carry that id: the client would
+        take it for that request's final reply. It goes out with a nil id and
+        the id in ``details.id`` instead.
+        """
         if not P.valid_request_id(cid):
+            cid = None
+        elif (client, cid) in self.by_client:
+            details = {**(details or {}), "id": cid}
             cid = None
         self.transport.to_client(client, P.ERROR, P.error_body(cid, code, message, details))
 
