@@ -36,7 +36,7 @@ from typing import Any, AsyncIterator, Iterator
 import zmq
 import zmq.asyncio
 
-from inferd import errors, protocol as P
+from inferd import errors, protocol as P, zmqio
 from inferd.paths import default_runtime_dir
 
 __all__ = ["AsyncClient", "Chunk", "Client", "default_endpoint"]
@@ -165,7 +165,7 @@ class Client:
     # internals shared with Stream
 
     def _send(self, command: bytes, body: dict[str, Any]) -> None:
-        self._sock.send_multipart(P.encode(P.CLIENT, command, body))
+        zmqio.send(self._sock, P.encode(P.CLIENT, command, body))
 
     def _take(self, cid: Any, timeout_s: float) -> tuple[bytes, dict] | None:
         """The next message for ``cid``, buffering others' messages; None on timeout."""
@@ -177,7 +177,7 @@ class Client:
                 return None
             while True:
                 try:
-                    frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                    frames = zmqio.recv(self._sock, zmqio.DONTWAIT)
                 except zmq.Again:
                     break
                 self._deliver(frames)

@@ -9,6 +9,7 @@ to first chunk (first response), total latency.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,11 +50,13 @@ class Distribution:
 
 
 def percentile(ordered: list[float], pct: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
+    """Nearest-rank percentile of an already sorted list: the smallest sample
+    with at least ``pct`` percent of the samples at or below it."""
     if not ordered:
         raise ValueError("no samples")
-    rank = max(1, min(len(ordered), round(pct / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
+    # Rounded first so that float error (0.29 * 100 = 28.999...) cannot move the rank.
+    rank = math.ceil(round(pct * len(ordered) / 100, 9))
+    return ordered[max(1, min(len(ordered), rank)) - 1]
 
 
 COUNTERS = ("completed", "failed", "rejected_backpressure", "timed_out", "cancelled", "bad_request")

@@ -86,10 +86,33 @@ def pack(body: dict[str, Any]) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
+def _plain_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """msgpack's hook for every map: string keys only, and no timestamps.
+
+    ``strict_map_key`` still admits binary keys, and the timestamp extension
+    (type -1) is decoded natively without reaching ``ext_hook``.
+    """
+    for key, value in pairs:
+        if type(key) is not str:
+            raise ValueError(f"map keys must be strings, got {type(key).__name__}")
+        _no_timestamp(value)
+    return dict(pairs)
+
+
+def _no_timestamp(value: Any) -> None:
+    # Maps inside lists went through _plain_map already; only lists need walking.
+    if type(value) is msgpack.Timestamp:
+        raise ValueError("msgpack extension type -1 (timestamp) is not allowed")
+    if type(value) is list:
+        for item in value:
+            _no_timestamp(item)
+
+
 def unpack(data: bytes) -> dict[str, Any]:
-    """Decode a msgpack body that must be a map with string keys."""
+    """Decode a msgpack body that must be a map with string keys and no extension types."""
     try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext)
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext,
+                               object_pairs_hook=_plain_map)
     except Exception as exc:  # msgpack raises a zoo of types; all mean "malformed".
         detail = f": {exc}" if str(exc) else ""
         raise ProtocolError(f"body is not valid msgpack ({type(exc).__name__}{detail})") from None

@@ -204,9 +204,7 @@ class BrokerCore:
         self._next_rid += 1
         self.requests[req.rid] = req
         self.by_client[(client, cid)] = req
-        heapq.heappush(self._deadlines, (req.deadline, req.rid))
-        self.transport.to_client(client, P.ACCEPTED, {
-            "id": cid, "epoch": self.epoch, "join": dep.spec.chunk_joiner})
+        self._track_deadline(req)
         if evicted is not None:
             victim = evicted.item
             victim.entry = None
@@ -214,7 +212,24 @@ class BrokerCore:
                 victim.cid, ErrorCode.BACKPRESSURE,
                 f"evicted from the full queue of {dep.name!r} by a more urgent request",
                 {"retry_after_ms": self._retry_hint(dep, victim.priority)}), "rejected_backpressure")
+        # The REQUEST goes out before the ACCEPTED: the worker starts sooner, and
+        # the ACCEPTED still precedes every CHUNK, since this loop handles the
+        # worker's reply only after this handler returns.
         self._dispatch(dep)
+        self.transport.to_client(client, P.ACCEPTED, {
+            "id": cid, "epoch": self.epoch, "join": dep.spec.chunk_joiner})
+
+    def _track_deadline(self, req: Request) -> None:
+        """Add the request to the deadline heap, keeping the heap bounded.
+
+        Finished requests leave their entries behind (removing from the middle
+        of a heap is O(n)); without a rebuild the heap would hold every
+        request of the last ``default_deadline_ms``, growing with throughput.
+        """
+        heapq.heappush(self._deadlines, (req.deadline, req.rid))
+        if len(self._deadlines) > 2 * len(self.requests) + 1024:
+            self._deadlines = [(r.deadline, r.rid) for r in self.requests.values() if not r.done]
+            heapq.heapify(self._deadlines)
 
     def _retry_hint(self, dep: Deployment, priority: int) -> int:
         """Roughly how long until the queue ahead of ``priority`` drains."""

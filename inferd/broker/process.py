@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from inferd import protocol as P
+from inferd import protocol as P, zmqio
 from inferd.broker.core import BrokerCore
 from inferd.config import Config
 from inferd.errors import ErrorCode
@@ -52,7 +52,7 @@ class ZmqTransport:
         if client in self.unreachable:
             return
         try:
-            self.frontend.send_multipart([client, P.CLIENT, command, P.pack(body)], zmq.NOBLOCK)
+            zmqio.send(self.frontend, [client, P.CLIENT, command, P.pack(body)], zmqio.DONTWAIT)
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
@@ -60,7 +60,7 @@ class ZmqTransport:
 
     def to_worker(self, worker: str, command: bytes, body: dict[str, Any]) -> None:
         try:
-            self.backend.send_multipart([worker.encode(), P.WORKER, command, P.pack(body)], zmq.NOBLOCK)
+            zmqio.send(self.backend, [worker.encode(), P.WORKER, command, P.pack(body)], zmqio.DONTWAIT)
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
@@ -125,7 +125,7 @@ class Broker:
                 handler = handlers[sock]
                 for _ in range(BURST):
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = zmqio.recv(sock, zmqio.DONTWAIT)
                     except zmq.Again:
                         break
                     handler(frames)

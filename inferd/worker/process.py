@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from inferd import exitcodes, protocol as P, runtimes
+from inferd import exitcodes, protocol as P, runtimes, zmqio
 from inferd.config import Config
 from inferd.devices import Device
 from inferd.errors import ErrorCode
@@ -93,7 +93,7 @@ class Worker:
 
     def send(self, command: bytes, body: dict[str, Any]) -> None:
         body["worker"] = self.id
-        self.sock.send_multipart(P.encode(P.WORKER, command, body))
+        zmqio.send(self.sock, P.encode(P.WORKER, command, body))
         self.last_sent = time.monotonic()
 
     def _load(self) -> dict[str, Any]:
@@ -141,7 +141,7 @@ class Worker:
     def _from_broker(self) -> None:
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = zmqio.recv(self.sock, zmqio.DONTWAIT)
             except zmq.Again:
                 return
             self.broker_seen = time.monotonic()

@@ -1,0 +1,1536 @@
+"""Unit tests for inferd.broker.core.BrokerCore: pure logic, a recording transport and a fake clock."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import pytest
+
+from inferd import __version__, protocol as P
+from inferd.broker.core import MAX_DISPATCHES, BrokerCore
+from inferd.config import parse
+
+# --- harness ----------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class Recorder:
+    """A Transport that records every message as (kind, target, command, body)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, Any, bytes, dict]] = []
+
+    def to_client(self, client: bytes, command: bytes, body: dict) -> None:
+        self.log.append(("client", client, command, body))
+
+    def to_worker(self, worker: str, command: bytes, body: dict) -> None:
+        self.log.append(("worker", worker, command, body))
+
+    def to_supervisor(self, command: bytes, body: dict) -> None:
+        self.log.append(("supervisor", None, command, body))
+
+
+class Harness:
+    def __init__(self, broker: dict | None = None, **deployment: Any):
+        dep = {"name": "echo", "runtime": "echo"}
+        dep.update(deployment)
+        # Slow heartbeats by default so that only the heartbeat tests see expiries.
+        broker_cfg = {"heartbeat_interval_ms": 60000, "heartbeat_liveness": 2}
+        broker_cfg.update(broker or {})
+        self.config = parse({"broker": broker_cfg, "deployment": [dep]}, "<test>")
+        self.clock = Clock()
+        self.rec = Recorder()
+        self.core = BrokerCore(self.config, self.rec, clock=self.clock)
+        self.cursor = 0
+        self.pids: dict[str, int] = {}
+
+    # messages in
+    def client(self, client: bytes, command: bytes, body: dict) -> None:
+        self.core.on_client(client, [P.CLIENT, command, P.pack(body)])
+
+    def submit(self, cid: Any, prompt: str = "hello world", client: bytes = b"c1", **fields: Any) -> None:
+        self.client(client, P.SUBMIT, {"id": cid, "deployment": "echo", "prompt": prompt, **fields})
+
+    def cancel(self, cid: Any, client: bytes = b"c1") -> None:
+        self.client(client, P.CANCEL, {"id": cid})
+
+    def worker(self, wid: str, command: bytes, identity: str | None = None, **body: Any) -> None:
+        body.setdefault("worker", wid)
+        self.core.on_worker((identity or wid).encode(), [P.WORKER, command, P.pack(body)])
+
+    def ready(self, wid: str = "echo-0", credits: int = 2, pid: int | None = None, state: str = "ready") -> None:
+        pid = pid if pid is not None else 1000 + len(self.pids)
+        self.pids[wid] = pid
+        self.worker(wid, P.READY, deployment="echo", device="cpu:0", pid=pid, runtime="echo", state=state,
+                    credits=credits, in_flight=0)
+
+    def heartbeat(self, wid: str, credits: int = 2, state: str = "ready") -> None:
+        self.worker(wid, P.HEARTBEAT, state=state, credits=credits, in_flight=0)
+
+    def chunk(self, wid: str, rid: int, text: str, **extra: Any) -> None:
+        self.worker(wid, P.CHUNK, rid=rid, text=text, **extra)
+
+    def done(self, wid: str, rid: int, finish_reason: str = "stop") -> None:
+        self.worker(wid, P.DONE, rid=rid, finish_reason=finish_reason)
+
+    def werror(self, wid: str, rid: int, code: str, message: str = "boom") -> None:
+        self.worker(wid, P.ERROR, rid=rid, code=code, message=message)
+
+    def exited(self, wid: str, pid: int | None = None) -> None:
+        self.core.on_worker_exited(wid, self.pids[wid] if pid is None else pid)
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.core.tick()
+
+    # messages out
+    def take(self, heartbeats: bool = False) -> list[tuple[str, Any, bytes, dict]]:
+        """Every message since the last take (broker->worker HEARTBEATs and READINESS left out)."""
+        new = self.rec.log[self.cursor:]
+        self.cursor = len(self.rec.log)
+        return [m for m in new if heartbeats or (m[2] != P.HEARTBEAT and m[2] != P.READINESS)]
+
+    def to_clients(self, msgs) -> list[tuple[bytes, bytes, dict]]:
+        return [(m[1], m[2], m[3]) for m in msgs if m[0] == "client"]
+
+    def requests_sent(self, msgs) -> list[tuple[str, int, str]]:
+        return [(m[1], m[3]["rid"], m[3]["prompt"]) for m in msgs if m[0] == "worker" and m[2] == P.REQUEST]
+
+    def outstanding(self, wid: str) -> int:
+        return len(worker_rids(self.core.workers[wid]))
+
+    def metrics(self) -> dict:
+        return self.core.metrics()["echo"]
+
+
+def worker_rids(record) -> set:
+    """The broker-side rids a worker record holds (dispatched, no final from the worker yet)."""
+    return set(record.requests)
+
+
+def only(msgs: list) -> tuple:
+    assert len(msgs) == 1, msgs
+    return msgs[0]
+
+
+def error_code(msg) -> str:
+    kind, target, command, body = msg
+    assert command == P.ERROR, msg
+    return body["code"]
+
+
+# --- submit, stream, done ---------------------------------------------------------------------
+
+
+def test_submit_accepted_then_request_then_chunks_then_done():
+    h = Harness()
+    h.ready("echo-0", credits=2)
+    h.take()
+    h.submit(1, "hello world", params={"max_tokens": 5})
+    msgs = h.take()
+    assert len(msgs) == 2
+    # The REQUEST goes out first (the worker starts sooner); the ACCEPTED still precedes every CHUNK.
+    assert msgs[1] == ("client", b"c1", P.ACCEPTED, {"id": 1, "epoch": h.core.epoch, "join": " "})
+    kind, wid, command, body = msgs[0]
+    assert (kind, wid, command) == ("worker", "echo-0", P.REQUEST)
+    assert set(body) == {"rid", "prompt", "params"}
+    assert body["prompt"] == "hello world"
+    assert body["params"] == {"max_tokens": 5}
+    rid = body["rid"]
+    assert isinstance(rid, int)
+
+    h.clock.advance(0.05)
+    h.chunk("echo-0", rid, "hello")
+    h.clock.advance(0.05)
+    h.chunk("echo-0", rid, "world", finish_reason="stop")
+    h.clock.advance(0.05)
+    h.done("echo-0", rid, "stop")
+    assert h.take() == [
+        ("client", b"c1", P.CHUNK, {"id": 1, "index": 0, "text": "hello"}),
+        ("client", b"c1", P.CHUNK, {"id": 1, "index": 1, "text": "world", "finish_reason": "stop"}),
+        ("client", b"c1", P.DONE, {"id": 1, "finish_reason": "stop", "chunks": 2}),
+    ]
+    m = h.metrics()
+    assert m["completed"] == 1
+    assert (m["failed"], m["cancelled"], m["timed_out"], m["rejected_backpressure"]) == (0, 0, 0, 0)
+    assert m["queued"] == 0 and m["in_flight"] == 0
+    assert m["queue_ms"]["count"] == 1 and m["queue_ms"]["max"] == pytest.approx(0.0)
+    assert m["first_chunk_ms"]["count"] == 1 and m["first_chunk_ms"]["max"] == pytest.approx(50.0)
+    assert m["latency_ms"]["count"] == 1 and m["latency_ms"]["max"] == pytest.approx(150.0)
+    assert h.core.requests == {}
+    assert h.core.by_client == {}
+    assert h.outstanding("echo-0") == 0
+
+
+def test_done_without_chunks_and_length_finish():
+    h = Harness()
+    h.ready("echo-0")
+    h.submit("a")
+    rid = only(h.requests_sent(h.take()))[1]
+    h.done("echo-0", rid, "length")
+    assert h.to_clients(h.take()) == [(b"c1", P.DONE, {"id": "a", "finish_reason": "length", "chunks": 0})]
+
+
+def test_queue_time_is_measured_until_dispatch():
+    h = Harness()
+    h.submit(1)
+    h.clock.advance(0.25)
+    h.ready("echo-0")
+    assert len(h.requests_sent(h.take())) == 1
+    assert h.metrics()["queue_ms"]["max"] == pytest.approx(250.0)
+
+
+def test_ping_answered_with_pong():
+    h = Harness()
+    h.client(b"c9", P.PING, {"id": 7})
+    assert h.take() == [("client", b"c9", P.PONG, {"id": 7, "epoch": h.core.epoch, "version": __version__})]
+    h.client(b"c9", P.PING, {})
+    assert h.take() == [("client", b"c9", P.PONG, {"id": None, "epoch": h.core.epoch, "version": __version__})]
+
+
+def test_request_ids_are_scoped_per_client():
+    h = Harness()
+    h.ready("echo-0", credits=4)
+    h.submit(1, "from c1", client=b"c1")
+    h.submit(1, "from c2", client=b"c2")
+    msgs = h.take()
+    sent = h.requests_sent(msgs)
+    assert [p for _, _, p in sent] == ["from c1", "from c2"]
+    h.done("echo-0", sent[1][1])
+    assert h.to_clients(h.take()) == [(b"c2", P.DONE, {"id": 1, "finish_reason": "stop", "chunks": 0})]
+
+
+# --- bad requests ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields,code,needle", [
+    ({"priorty": 1}, "BAD_REQUEST", "priorty"),
+    ({"priority": 3}, "BAD_REQUEST", "priority"),
+    ({"priority": -1}, "BAD_REQUEST", "priority"),
+    ({"priority": True}, "BAD_REQUEST", "priority"),
+    ({"deadline_ms": 0}, "BAD_REQUEST", "deadline_ms"),
+    ({"deadline_ms": -5}, "BAD_REQUEST", "deadline_ms"),
+    ({"params": {"max_tokens": 0}}, "BAD_REQUEST", "max_tokens"),
+    ({"params": {"temperature": 1}}, "BAD_REQUEST", "temperature"),
+    ({"deployment": "nope"}, "UNKNOWN_DEPLOYMENT", "nope"),
+])
+def test_bad_submit_is_rejected_and_not_accepted(fields, code, needle):
+    h = Harness()
+    h.ready("echo-0")
+    h.take()
+    h.submit("r1", **fields)
+    client, command, body = only(h.to_clients(msgs := h.take()))
+    assert msgs == [("client", b"c1", P.ERROR, body)]
+    assert body["id"] == "r1"
+    assert body["code"] == code
+    assert needle in body["message"]
+    if code == "UNKNOWN_DEPLOYMENT":
+        assert body["details"] == {"deployments": ["echo"]}
+    assert h.core.requests == {} and h.core.by_client == {}
+
+
+def test_malformed_frames_get_bad_request_with_nil_id():
+    h = Harness()
+    h.core.on_client(b"c1", [b"IFDC9", P.SUBMIT, P.pack({"id": 1})])
+    h.core.on_client(b"c1", [P.CLIENT, P.SUBMIT])
+    h.core.on_client(b"c1", [P.CLIENT, P.SUBMIT, b"\xc1"])
+    msgs = h.to_clients(h.take())
+    assert [(c, cmd, b["id"], b["code"]) for c, cmd, b in msgs] == [(b"c1", P.ERROR, None, "BAD_REQUEST")] * 3
+
+
+def test_unknown_command_gets_bad_request_with_the_id():
+    h = Harness()
+    h.core.on_client(b"c1", [P.CLIENT, b"FROB", P.pack({"id": "x1"})])
+    _, _, body = only(h.to_clients(h.take()))
+    assert (body["id"], body["code"]) == ("x1", "BAD_REQUEST")
+
+
+def test_malformed_cancel_of_in_flight_request_has_nil_id():
+    h = Harness()
+    h.submit("r1")
+    h.take()
+    h.client(b"c1", P.CANCEL, {"id": "r1", "extra": 1})
+    _, command, body = only(h.to_clients(h.take()))
+    assert (command, body["id"], body["code"]) == (P.ERROR, None, "BAD_REQUEST")
+    assert body["details"]["id"] == "r1"
+    assert (b"c1", "r1") in h.core.by_client  # still in flight
+    h.cancel("r1")
+    _, _, body = only(h.to_clients(h.take()))
+    assert (body["id"], body["code"]) == ("r1", "CANCELLED")
+
+
+def test_malformed_cancel_of_unknown_id_carries_the_id():
+    h = Harness()
+    h.client(b"c1", P.CANCEL, {"id": "zz", "extra": 1})
+    _, _, body = only(h.to_clients(h.take()))
+    assert (body["id"], body["code"]) == ("zz", "BAD_REQUEST")
+
+
+@pytest.mark.parametrize("value", [msgpack.ExtType(5, b"abc"), msgpack.Timestamp(1, 0)],
+                         ids=["ext5", "timestamp"])
+@pytest.mark.parametrize("where", ["params", "affinity"])
+def test_extension_type_anywhere_is_bad_request_with_nil_id(value, where):
+    # docs/protocol.md: the id is nil when the message could not be decoded, "an extension
+    # type anywhere in it" included.
+    h = Harness()
+    body = {"id": 1, "deployment": "echo", "prompt": "p"}
+    body[where] = {"max_tokens": value} if where == "params" else value
+    h.core.on_client(b"c1", [P.CLIENT, P.SUBMIT, msgpack.packb(body)])
+    msgs = h.take()
+    _, command, reply = only(h.to_clients(msgs))
+    assert (command, reply["code"]) == (P.ERROR, "BAD_REQUEST")
+    assert reply["id"] is None
+    assert h.core.requests == {}
+
+
+def test_invalid_request_id_answered_with_nil_id():
+    h = Harness()
+    h.submit("x" * 129)
+    h.submit("")
+    bodies = [b for _, _, b in h.to_clients(h.take())]
+    assert [(b["id"], b["code"]) for b in bodies] == [(None, "BAD_REQUEST"), (None, "BAD_REQUEST")]
+    assert h.core.requests == {}
+
+
+def test_duplicate_in_flight_id_is_refused_and_original_unharmed():
+    h = Harness()
+    h.submit(5)
+    h.take()
+    h.submit(5)
+    _, command, body = only(h.to_clients(h.take()))
+    # The error must not look like request 5's final reply: nil id, the id in details.
+    assert command == P.ERROR
+    assert body["code"] == "BAD_REQUEST"
+    assert body["id"] is None
+    assert body["details"]["id"] == 5
+    assert len(h.core.requests) == 1
+    h.ready("echo-0")
+    rid = only(h.requests_sent(h.take()))[1]
+    h.done("echo-0", rid)
+    assert h.to_clients(h.take()) == [(b"c1", P.DONE, {"id": 5, "finish_reason": "stop", "chunks": 0})]
+    # Once final, the id may be reused.
+    h.submit(5)
+    assert h.to_clients(h.take())[0][1] == P.ACCEPTED
+
+
+# --- credits -----------------------------------------------------------------------------------
+
+
+def test_credits_bound_dispatch_and_done_releases_one():
+    h = Harness()
+    h.ready("echo-0", credits=2)
+    h.take()
+    for i in range(5):
+        h.submit(i, f"p{i}")
+        assert h.outstanding("echo-0") <= 2
+    msgs = h.take()
+    assert [c for _, c, _ in h.to_clients(msgs)] == [P.ACCEPTED] * 5
+    sent = h.requests_sent(msgs)
+    assert [p for _, _, p in sent] == ["p0", "p1"]
+    assert h.outstanding("echo-0") == 2
+    assert len(h.core.deployments["echo"].queue) == 3
+
+    running = [rid for _, rid, _ in sent]
+    order = [p for _, _, p in sent]
+    finished = 0
+    while running:
+        rid = running.pop(0)
+        h.done("echo-0", rid)
+        finished += 1
+        msgs = h.take()
+        assert [c for _, c, _ in h.to_clients(msgs)] == [P.DONE]
+        new = h.requests_sent(msgs)
+        remaining = 5 - finished
+        assert len(new) == (1 if remaining >= 2 else 0)
+        running += [rid for _, rid, _ in new]
+        order += [p for _, _, p in new]
+        assert h.outstanding("echo-0") == min(2, remaining)
+        assert h.outstanding("echo-0") <= 2
+    assert order == ["p0", "p1", "p2", "p3", "p4"]
+    assert h.metrics()["completed"] == 5
+
+
+def test_worker_with_zero_credits_or_loading_gets_nothing():
+    h = Harness()
+    h.ready("echo-0", credits=0)
+    h.submit(1)
+    assert h.requests_sent(h.take()) == []
+    h.heartbeat("echo-0", credits=1, state="loading")
+    assert h.requests_sent(h.take()) == []
+    h.heartbeat("echo-0", credits=1, state="ready")
+    assert len(h.requests_sent(h.take())) == 1
+    assert h.outstanding("echo-0") == 1
+
+
+def test_ready_while_loading_then_ready_heartbeat_dispatches():
+    h = Harness()
+    h.ready("echo-0", credits=3, state="loading")
+    h.submit(1)
+    h.submit(2)
+    assert h.requests_sent(h.take()) == []
+    h.heartbeat("echo-0", credits=3, state="ready")
+    assert len(h.requests_sent(h.take())) == 2
+
+
+# --- routing -----------------------------------------------------------------------------------
+
+
+def test_least_outstanding_spreads_requests():
+    h = Harness()
+    h.ready("echo-0", credits=4)
+    h.ready("echo-1", credits=4)
+    h.take()
+    for i in range(4):
+        h.submit(i, f"p{i}")
+    sent = h.requests_sent(h.take())
+    assert [w for w, _, _ in sent] == ["echo-0", "echo-1", "echo-0", "echo-1"]
+    # echo-0 finishes both; the next two go to echo-0, which now has fewer outstanding.
+    for w, rid, _ in sent:
+        if w == "echo-0":
+            h.done("echo-0", rid)
+    h.take()
+    assert (h.outstanding("echo-0"), h.outstanding("echo-1")) == (0, 2)
+    h.submit(10)
+    h.submit(11)
+    assert [w for w, _, _ in h.requests_sent(h.take())] == ["echo-0", "echo-0"]
+    h.submit(12)
+    # now 2 and 2: a tie, broken by who was given work least recently (echo-1)
+    assert [w for w, _, _ in h.requests_sent(h.take())] == ["echo-1"]
+
+
+def test_ties_rotate_across_idle_workers():
+    h = Harness()
+    h.ready("echo-0", credits=4)
+    h.ready("echo-1", credits=4)
+    h.take()
+    targets = []
+    for i in range(6):
+        h.submit(i)
+        w, rid, _ = only(h.requests_sent(h.take()))
+        targets.append(w)
+        h.done(w, rid)
+        h.take()
+    assert targets == ["echo-0", "echo-1"] * 3
+
+
+def test_full_worker_is_skipped():
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.ready("echo-1", credits=3)
+    h.take()
+    for i in range(4):
+        h.submit(i)
+    assert [w for w, _, _ in h.requests_sent(h.take())] == ["echo-0", "echo-1", "echo-1", "echo-1"]
+    assert len(h.core.deployments["echo"].queue) == 0
+
+
+# --- priority ----------------------------------------------------------------------------------
+
+
+def test_urgent_request_is_dispatched_first_and_fifo_within_level():
+    h = Harness(priority_levels=3, default_priority=1)
+    h.submit("a", "low-a", priority=2)
+    h.submit("b", "low-b", priority=2)
+    h.submit("c", "mid-c")              # default priority 1
+    h.submit("d", "low-d", priority=2)
+    h.submit("e", "urgent-e", priority=0)
+    h.submit("f", "mid-f", priority=1)
+    h.take()
+    h.ready("echo-0", credits=1)
+    order = []
+    for _ in range(6):
+        w, rid, prompt = only(h.requests_sent(h.take()))
+        order.append(prompt)
+        h.done(w, rid)
+    assert order == ["urgent-e", "mid-c", "mid-f", "low-a", "low-b", "low-d"]
+    assert h.requests_sent(h.take()) == []
+
+
+# --- backpressure ------------------------------------------------------------------------------
+
+
+def test_backpressure_when_full_and_eviction_by_more_urgent():
+    h = Harness(queue_capacity=2, priority_levels=3, default_priority=1)
+    h.submit(1, "one")
+    h.submit(2, "two")
+    assert [c for _, c, _ in h.to_clients(h.take())] == [P.ACCEPTED, P.ACCEPTED]
+
+    h.submit(3, "three")  # same priority: rejected, nothing accepted
+    msgs = h.take()
+    client, command, body = only(h.to_clients(msgs))
+    assert len(msgs) == 1
+    assert command == P.ERROR
+    assert body["id"] == 3 and body["code"] == "BACKPRESSURE"
+    retry = body["details"]["retry_after_ms"]
+    assert type(retry) is int and retry > 0
+    assert h.metrics()["rejected_backpressure"] == 1
+    assert len(h.core.deployments["echo"].queue) == 2
+    assert (b"c1", 3) not in h.core.by_client
+
+    h.submit(4, "four", priority=2)  # less urgent: rejected too
+    _, _, body = only(h.to_clients(h.take()))
+    assert (body["id"], body["code"]) == (4, "BACKPRESSURE")
+
+    h.submit(5, "urgent", priority=0)  # strictly more urgent: accepted, evicts the newest at level 1 (id 2)
+    msgs = h.to_clients(h.take())
+    assert len(msgs) == 2
+    assert (b"c1", P.ACCEPTED, {"id": 5, "epoch": h.core.epoch, "join": " "}) in msgs
+    _, command, body = next(m for m in msgs if m[1] != P.ACCEPTED)
+    assert command == P.ERROR
+    assert body["id"] == 2 and body["code"] == "BACKPRESSURE"
+    retry = body["details"]["retry_after_ms"]
+    assert type(retry) is int and retry > 0
+    assert h.metrics()["rejected_backpressure"] == 3
+    assert len(h.core.deployments["echo"].queue) == 2
+
+    # The evicted request is gone for good: cancelling it says nothing, a worker never sees it.
+    h.cancel(2)
+    assert h.take() == []
+    h.ready("echo-0", credits=4)
+    assert [p for _, _, p in h.requests_sent(h.take())] == ["urgent", "one"]
+
+
+def test_equal_priority_never_evicts_even_at_top_level():
+    h = Harness(queue_capacity=1, priority_levels=3)
+    h.submit(1, priority=0)
+    h.take()
+    h.submit(2, priority=0)
+    _, _, body = only(h.to_clients(h.take()))
+    assert (body["id"], body["code"]) == (2, "BACKPRESSURE")
+
+
+def test_running_requests_do_not_count_against_the_queue():
+    h = Harness(queue_capacity=1)
+    h.ready("echo-0", credits=2)
+    for i in range(3):
+        h.submit(i)
+    assert [c for _, c, _ in h.to_clients(h.take())] == [P.ACCEPTED] * 3
+    h.submit(3)
+    _, _, body = only(h.to_clients(h.take()))
+    assert body["code"] == "BACKPRESSURE"
+
+
+# --- deadlines ---------------------------------------------------------------------------------
+
+
+def test_deadline_longer_than_default_is_clamped():
+    h = Harness(default_deadline_ms=1000)
+    h.submit(1, deadline_ms=5000)
+    h.take()
+    h.advance(0.999)
+    assert h.take() == []
+    h.advance(0.002)
+    _, _, body = only(h.to_clients(h.take()))
+    assert (body["id"], body["code"]) == (1, "DEADLINE_EXCEEDED")
+    assert "1000 ms" in body["message"]
+
+
+def test_default_deadline_applies_without_deadline_ms():
+    h = Harness(default_deadline_ms=300)
+    h.submit(1)
+    h.take()
+    h.advance(0.299)
+    assert h.take() == []
+    h.advance(0.002)
+    assert error_code(only(h.take())) == "DEADLINE_EXCEEDED"
+
+
+def test_queued_request_expires():
+    h = Harness(default_deadline_ms=10_000)
+    h.submit(1, deadline_ms=200)
+    h.submit(2)
+    h.take()
+    h.advance(0.199)
+    assert h.take() == []
+    h.advance(0.002)
+    msg = only(h.take())
+    assert msg[1] == b"c1"
+    body = msg[3]
+    assert (body["id"], body["code"]) == (1, "DEADLINE_EXCEEDED")
+    assert "in the queue" in body["message"]
+    assert h.metrics()["timed_out"] == 1
+    assert len(h.core.deployments["echo"].queue) == 1
+    # Nothing more for it, ever; the other request is dispatched normally.
+    h.ready("echo-0")
+    assert [rid for _, rid, _ in h.requests_sent(h.take())] == [h.core.by_client[(b"c1", 2)].rid]
+    h.cancel(1)
+    assert h.take() == []
+
+
+def test_running_request_expires_cancel_sent_and_credit_held_until_worker_final():
+    h = Harness(default_deadline_ms=10_000)
+    h.ready("echo-0", credits=1)
+    h.submit("a", deadline_ms=100)
+    rid_a = only(h.requests_sent(h.take()))[1]
+    h.chunk("echo-0", rid_a, "x")
+    h.submit("b")
+    h.take()
+    assert h.outstanding("echo-0") == 1
+
+    h.advance(0.101)
+    msgs = h.take()
+    assert len(msgs) == 2
+    client_msg = [m for m in msgs if m[0] == "client"]
+    worker_msg = [m for m in msgs if m[0] == "worker"]
+    assert only(client_msg)[3]["code"] == "DEADLINE_EXCEEDED"
+    assert only(client_msg)[3]["id"] == "a"
+    assert "while running" in only(client_msg)[3]["message"]
+    assert only(worker_msg) == ("worker", "echo-0", P.CANCEL, {"rid": rid_a})
+    # The credit is still held: "b" must wait.
+    assert h.outstanding("echo-0") == 1
+    assert len(h.core.deployments["echo"].queue) == 1
+    assert h.metrics()["in_flight"] == 0
+
+    # Late output from the worker reaches nobody.
+    h.chunk("echo-0", rid_a, "y")
+    assert h.take() == []
+    # The worker's own final releases the credit; "b" goes out; "a" gets no second final.
+    h.werror("echo-0", rid_a, "CANCELLED", "cancelled")
+    msgs = h.take()
+    assert h.to_clients(msgs) == []
+    (w, rid_b, _), = h.requests_sent(msgs)
+    assert w == "echo-0" and rid_b != rid_a
+    assert h.outstanding("echo-0") == 1
+    assert rid_a not in h.core.requests
+    assert h.metrics()["timed_out"] == 1
+
+
+def test_expired_running_request_worker_done_is_not_forwarded():
+    h = Harness(default_deadline_ms=10_000)
+    h.ready("echo-0", credits=1)
+    h.submit("a", deadline_ms=50)
+    rid = only(h.requests_sent(h.take()))[1]
+    h.advance(0.06)
+    h.take()
+    h.done("echo-0", rid)
+    assert h.take() == []
+    assert h.metrics()["completed"] == 0
+    assert h.core.requests == {}
+
+
+def test_deadline_of_finished_request_does_nothing():
+    h = Harness(default_deadline_ms=1000)
+    h.ready("echo-0")
+    h.submit(1)
+    rid = only(h.requests_sent(h.take()))[1]
+    h.done("echo-0", rid)
+    h.take()
+    h.advance(2.0)
+    assert h.take() == []
+
+
+# --- cancel ------------------------------------------------------------------------------------
+
+
+def test_cancel_queued():
+    h = Harness()
+    h.submit(1)
+    h.take()
+    h.cancel(1)
+    assert h.take() == [("client", b"c1", P.ERROR,
+                         {"id": 1, "code": "CANCELLED", "message": "cancelled by the client"})]
+    assert len(h.core.deployments["echo"].queue) == 0
+    assert h.metrics()["cancelled"] == 1
+    h.cancel(1)
+    assert h.take() == []
+    h.ready("echo-0")
+    assert h.requests_sent(h.take()) == []
+    assert h.core.requests == {}
+
+
+def test_cancel_running():
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.submit(1)
+    rid = only(h.requests_sent(h.take()))[1]
+    h.chunk("echo-0", rid, "a")
+    h.take()
+    h.cancel(1)
+    msgs = h.take()
+    assert msgs == [
+        ("client", b"c1", P.ERROR, {"id": 1, "code": "CANCELLED", "message": "cancelled by the client"}),
+        ("worker", "echo-0", P.CANCEL, {"rid": rid}),
+    ]
+    h.cancel(1)
+    assert h.take() == []
+    assert h.outstanding("echo-0") == 1
+    h.werror("echo-0", rid, "CANCELLED")
+    assert h.take() == []
+    assert h.outstanding("echo-0") == 0
+    assert h.metrics()["cancelled"] == 1
+
+
+def test_cancel_unknown_id_sends_nothing():
+    h = Harness()
+    h.ready("echo-0")
+    h.submit(1)
+    h.take()
+    h.cancel(99)
+    h.cancel("nope")
+    h.cancel(1, client=b"other-client")  # same id, another connection
+    assert h.take() == []
+    assert len(h.core.requests) == 1
+
+
+def test_cancel_after_done_sends_nothing():
+    h = Harness()
+    h.ready("echo-0")
+    h.submit(1)
+    rid = only(h.requests_sent(h.take()))[1]
+    h.done("echo-0", rid)
+    h.take()
+    h.cancel(1)
+    assert h.take() == []
+
+
+# --- worker errors -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code,expect,counter", [
+    ("OUT_OF_MEMORY", "OUT_OF_MEMORY", "failed"),
+    ("CONTEXT_POISONED", "CONTEXT_POISONED", "failed"),
+    ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED", "timed_out"),
+    ("BAD_REQUEST", "BAD_REQUEST", "bad_request"),
+    ("CANCELLED", "CANCELLED", "cancelled"),
+    ("NOT_A_CODE", "INTERNAL", "failed"),
+])
+def test_worker_error_forwarded(code, expect, counter):
+    h = Harness()
+    h.ready("echo-0")
+    h.submit(1)
+    rid = only(h.requests_sent(h.take()))[1]
+    h.werror("echo-0", rid, code, "it broke")
+    assert h.take() == [("client", b"c1", P.ERROR, {"id": 1, "code": expect, "message": "it broke"})]
+    assert h.metrics()[counter] == 1
+    assert h.outstanding("echo-0") == 0
+
+
+def test_worker_message_for_unknown_rid_is_ignored():
+    h = Harness()
+    h.ready("echo-0")
+    h.take()
+    h.chunk("echo-0", 12345, "x")
+    h.done("echo-0", 12345)
+    assert h.take() == []
+
+
+# --- worker lost -------------------------------------------------------------------------------
+
+
+def test_worker_exit_requeues_unstarted_request_transparently():
+    h = Harness()
+    h.ready("echo-0", credits=1, pid=500)
+    h.ready("echo-1", credits=1, pid=501)
+    h.take()
+    h.submit("A", "prompt-a")
+    h.submit("B", "prompt-b")
+    sent = h.requests_sent(h.take())
+    assert [(w, p) for w, _, p in sent] == [("echo-0", "prompt-a"), ("echo-1", "prompt-b")]
+    rid_a, rid_b = sent[0][1], sent[1][1]
+
+    h.exited("echo-0", pid=999)  # wrong pid: an older process of that slot
+    assert h.take() == []
+    assert "echo-0" in h.core.workers and h.outstanding("echo-0") == 1
+
+    h.exited("echo-0", pid=500)
+    assert h.take() == []         # nothing to the client, nothing to dispatch to yet
+    assert "echo-0" not in h.core.workers
+    assert len(h.core.deployments["echo"].queue) == 1
+
+    h.done("echo-1", rid_b)
+    msgs = h.take()
+    assert h.to_clients(msgs) == [(b"c1", P.DONE, {"id": "B", "finish_reason": "stop", "chunks": 0})]
+    assert h.requests_sent(msgs) == [("echo-1", rid_a, "prompt-a")]
+    h.chunk("echo-1", rid_a, "word")
+    h.done("echo-1", rid_a)
+    assert h.to_clients(h.take()) == [
+        (b"c1", P.CHUNK, {"id": "A", "index": 0, "text": "word"}),
+        (b"c1", P.DONE, {"id": "A", "finish_reason": "stop", "chunks": 1}),
+    ]
+    # Exactly one ACCEPTED and one final for A over the whole run.
+    a_msgs = [c for kind, _, c, b in h.rec.log if kind == "client" and b.get("id") == "A"]
+    assert a_msgs == [P.ACCEPTED, P.CHUNK, P.DONE]
+    m = h.metrics()
+    assert m["completed"] == 2 and m["failed"] == 0
+    assert m["queue_ms"]["count"] == 2  # the redispatch is not a second queue sample
+
+
+def test_worker_exit_after_chunks_is_worker_lost():
+    h = Harness()
+    h.ready("echo-0", credits=2, pid=42)
+    h.submit(1)
+    h.submit(2)
+    sent = h.requests_sent(h.take())
+    h.chunk("echo-0", sent[0][1], "part")
+    h.take()
+    h.exited("echo-0")
+    msgs = h.take()
+    client_msgs = h.to_clients(msgs)
+    assert len(client_msgs) == 1
+    _, command, body = client_msgs[0]
+    assert command == P.ERROR and body["id"] == 1 and body["code"] == "WORKER_LOST"
+    assert "echo-0" in body["message"]
+    assert h.metrics()["failed"] == 1
+    # Request 2 (nothing streamed) waits in the queue for the next worker.
+    assert len(h.core.deployments["echo"].queue) == 1
+    # A late message from the dead worker is answered with DISCONNECT only.
+    h.done("echo-0", sent[0][1])
+    assert h.take() == [("worker", "echo-0", P.DISCONNECT, {"reason": "not registered"})]
+    h.ready("echo-0", credits=2, pid=43)
+    assert h.requests_sent(h.take()) == [("echo-0", sent[1][1], "hello world")]
+
+
+def test_second_worker_loss_is_worker_lost():
+    assert MAX_DISPATCHES == 2
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.ready("echo-1", credits=1)
+    h.take()
+    h.submit("A")
+    (w0, rid, _), = h.requests_sent(h.take())
+    assert w0 == "echo-0"
+    h.exited("echo-0")
+    msgs = h.take()
+    assert h.to_clients(msgs) == []
+    assert h.requests_sent(msgs) == [("echo-1", rid, "hello world")]
+    h.exited("echo-1")
+    _, _, body = only(h.to_clients(h.take()))
+    assert (body["id"], body["code"]) == ("A", "WORKER_LOST")
+    h.ready("echo-2", credits=1)
+    assert h.requests_sent(h.take()) == []
+    assert h.core.requests == {}
+
+
+def test_worker_re_register_loses_its_old_work():
+    h = Harness()
+    h.ready("echo-0", credits=2, pid=10)
+    h.submit(1)
+    h.submit(2)
+    sent = h.requests_sent(h.take())
+    h.chunk("echo-0", sent[1][1], "x")
+    h.take()
+    h.ready("echo-0", credits=2, pid=11)   # the worker reconnected: its old work is gone
+    msgs = h.take()
+    clients = h.to_clients(msgs)
+    assert [(b["id"], b["code"]) for _, _, b in clients] == [(2, "WORKER_LOST")]
+    assert h.requests_sent(msgs) == [("echo-0", sent[0][1], "hello world")]
+    assert h.outstanding("echo-0") == 1
+
+
+def test_done_request_of_lost_worker_is_simply_forgotten():
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.submit(1)
+    rid = only(h.requests_sent(h.take()))[1]
+    h.cancel(1)
+    h.take()
+    assert rid in h.core.requests  # held until the worker answers
+    h.exited("echo-0")
+    assert h.take() == []
+    assert h.core.requests == {}
+
+
+def test_readiness_reported_to_supervisor():
+    h = Harness()
+    h.ready("echo-0")
+    h.ready("echo-1")
+    h.exited("echo-0")
+    readiness = [b for kind, _, c, b in h.rec.log if kind == "supervisor" and c == P.READINESS]
+    assert readiness == [{"deployments": {"echo": 1}}, {"deployments": {"echo": 2}},
+                         {"deployments": {"echo": 1}}]
+
+
+# --- heartbeats --------------------------------------------------------------------------------
+
+
+def test_heartbeat_expiry_loses_worker_and_disconnects():
+    h = Harness(broker={"heartbeat_interval_ms": 100, "heartbeat_liveness": 3})
+    h.ready("echo-0", credits=1)
+    h.ready("echo-1", credits=1)
+    h.submit("A")
+    (w, rid, _), = h.requests_sent(h.take())
+    assert w == "echo-0"
+    h.clock.advance(0.2)
+    h.heartbeat("echo-1", credits=1)
+    h.core.tick()
+    msgs = h.take(heartbeats=True)
+    assert sorted((m[1], m[2]) for m in msgs) == [("echo-0", P.HEARTBEAT), ("echo-1", P.HEARTBEAT)]
+    assert "echo-0" in h.core.workers
+    h.clock.advance(0.15)          # echo-0 silent for 0.35 s > 3 * 0.1 s
+    h.heartbeat("echo-1", credits=1)
+    h.core.tick()
+    msgs = h.take(heartbeats=True)
+    assert ("worker", "echo-0", P.DISCONNECT, {"reason": "heartbeat expired"}) in msgs
+    assert ("worker", "echo-1", P.HEARTBEAT, {}) in msgs
+    assert h.requests_sent(msgs) == [("echo-1", rid, "hello world")]
+    assert h.to_clients(msgs) == []
+    assert "echo-0" not in h.core.workers and "echo-1" in h.core.workers
+
+
+def test_heartbeat_expiry_with_streamed_output_is_worker_lost():
+    h = Harness(broker={"heartbeat_interval_ms": 100, "heartbeat_liveness": 2})
+    h.ready("echo-0", credits=1)
+    h.submit("A")
+    rid = only(h.requests_sent(h.take()))[1]
+    h.chunk("echo-0", rid, "a")
+    h.take()
+    h.advance(0.15)
+    assert h.take() == []            # 0.15 s of silence is within 2 * 0.1 s
+    h.advance(0.1)
+    msgs = h.take()
+    assert [(b["id"], b["code"]) for _, _, b in h.to_clients(msgs)] == [("A", "WORKER_LOST")]
+    assert ("worker", "echo-0", P.DISCONNECT, {"reason": "heartbeat expired"}) in msgs
+
+
+def test_any_worker_message_counts_as_heartbeat():
+    h = Harness(broker={"heartbeat_interval_ms": 100, "heartbeat_liveness": 2})
+    h.ready("echo-0", credits=1)
+    h.submit("A")
+    rid = only(h.requests_sent(h.take()))[1]
+    for i in range(10):
+        h.clock.advance(0.15)
+        h.chunk("echo-0", rid, f"w{i}")
+        h.core.tick()
+    assert "echo-0" in h.core.workers
+    assert all(m[2] != P.DISCONNECT for m in h.take())
+
+
+def test_unknown_worker_heartbeat_gets_disconnect():
+    h = Harness()
+    h.heartbeat("echo-7")
+    assert h.take() == [("worker", "echo-7", P.DISCONNECT, {"reason": "not registered"})]
+
+
+def test_ready_for_unknown_deployment_gets_disconnect():
+    h = Harness()
+    h.worker("x-0", P.READY, deployment="nope", device="cpu", pid=1, state="ready", credits=2)
+    assert h.take() == [("worker", "x-0", P.DISCONNECT, {"reason": "unknown deployment"})]
+    assert h.core.workers == {}
+
+
+def test_message_claiming_another_worker_is_ignored():
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.ready("echo-1", credits=1)
+    h.submit("A")
+    (w, rid, _), = h.requests_sent(h.take())
+    assert w == "echo-0"
+    # echo-1's connection sends a DONE for echo-0's request, claiming to be echo-0, and vice versa.
+    h.worker("echo-0", P.DONE, identity="echo-1", rid=rid, finish_reason="stop")
+    h.worker("echo-1", P.DONE, identity="echo-0", rid=rid, finish_reason="stop")
+    h.worker("echo-9", P.READY, identity="echo-0", deployment="echo", device="cpu", pid=3, state="ready",
+             credits=5)
+    assert h.take() == []
+    assert h.outstanding("echo-0") == 1
+    assert "echo-9" not in h.core.workers
+    assert h.core.workers["echo-0"].credits == 1
+
+
+def test_malformed_worker_message_is_ignored():
+    h = Harness()
+    h.ready("echo-0")
+    h.take()
+    h.core.on_worker(b"echo-0", [P.CLIENT, P.DONE, P.pack({"worker": "echo-0"})])
+    h.core.on_worker(b"echo-0", [P.WORKER, P.DONE])
+    h.core.on_worker(b"echo-0", [P.WORKER, b"NOPE", P.pack({"worker": "echo-0"})])
+    assert h.take() == []
+    assert "echo-0" in h.core.workers
+
+
+# --- drain -------------------------------------------------------------------------------------
+
+
+def drained_count(h: Harness) -> int:
+    return sum(1 for kind, _, c, _ in h.rec.log if kind == "supervisor" and c == P.DRAINED)
+
+
+def test_drain_fails_queued_lets_running_finish_and_reports_drained_once():
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.submit("A")
+    h.submit("B")
+    h.submit("C", priority=0)
+    rid_a = only(h.requests_sent(h.take()))[1]
+
+    h.core.drain(5.0)
+    msgs = h.take()
+    assert sorted((b["id"], b["code"]) for _, _, b in h.to_clients(msgs)) == [
+        ("B", "SHUTTING_DOWN"), ("C", "SHUTTING_DOWN")]
+    assert drained_count(h) == 0
+    assert len(h.core.deployments["echo"].queue) == 0
+
+    h.submit("D")
+    _, command, body = only(h.to_clients(h.take()))
+    assert (command, body["id"], body["code"]) == (P.ERROR, "D", "SHUTTING_DOWN")
+    assert drained_count(h) == 0
+
+    h.chunk("echo-0", rid_a, "still")
+    h.done("echo-0", rid_a)
+    msgs = h.take()
+    assert h.to_clients(msgs) == [(b"c1", P.CHUNK, {"id": "A", "index": 0, "text": "still"}),
+                                  (b"c1", P.DONE, {"id": "A", "finish_reason": "stop", "chunks": 1})]
+    assert drained_count(h) == 1
+    assert h.requests_sent(msgs) == []
+    h.advance(10.0)
+    h.core.drain(1.0)
+    assert drained_count(h) == 1
+
+
+def test_drain_with_nothing_in_flight_reports_at_once():
+    h = Harness()
+    h.core.drain(5.0)
+    assert drained_count(h) == 1
+    h.core.drain(5.0)
+    h.advance(6.0)
+    assert drained_count(h) == 1
+
+
+def test_drain_grace_expiry_fails_running_requests():
+    h = Harness()
+    h.ready("echo-0", credits=2)
+    h.submit("A")
+    h.submit("B")
+    sent = h.requests_sent(h.take())
+    h.core.drain(1.0)
+    assert h.take() == []
+    h.advance(0.5)
+    assert h.take() == []
+    assert drained_count(h) == 0
+    h.advance(0.6)
+    msgs = h.take()
+    assert sorted((b["id"], b["code"]) for _, _, b in h.to_clients(msgs)) == [
+        ("A", "SHUTTING_DOWN"), ("B", "SHUTTING_DOWN")]
+    assert sorted(m[3]["rid"] for m in msgs if m[0] == "worker" and m[2] == P.CANCEL) == sorted(
+        rid for _, rid, _ in sent)
+    assert drained_count(h) == 1
+    # The worker's late finals reach nobody and do not repeat DRAINED.
+    for _, rid, _ in sent:
+        h.werror("echo-0", rid, "CANCELLED")
+    assert h.take() == []
+    assert drained_count(h) == 1
+    assert h.core.requests == {}
+
+
+def test_worker_lost_during_drain_is_not_requeued():
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.ready("echo-1", credits=1)
+    h.submit("A")
+    h.take()
+    h.core.drain(30.0)
+    h.exited("echo-0")
+    msgs = h.take()
+    assert h.requests_sent(msgs) == []
+    _, command, body = only(h.to_clients(msgs))
+    assert command == P.ERROR and body["id"] == "A"
+    assert body["code"] == "WORKER_LOST"
+    assert drained_count(h) == 1
+
+
+# --- client gone -------------------------------------------------------------------------------
+
+
+def test_client_gone_drops_its_requests_quietly():
+    h = Harness(default_deadline_ms=1000)
+    h.ready("echo-0", credits=1)
+    h.submit("A", "a", client=b"gone")
+    h.submit("B", "b", client=b"gone")
+    h.submit("C", "c", client=b"stays")
+    rid_a = only(h.requests_sent(h.take()))[1]
+    h.core.on_client_gone(b"gone")
+    assert h.take() == [("worker", "echo-0", P.CANCEL, {"rid": rid_a})]
+    assert len(h.core.deployments["echo"].queue) == 1
+    assert h.metrics()["cancelled"] == 2
+    # Late output of A goes nowhere; its final releases the credit, and C runs.
+    h.chunk("echo-0", rid_a, "x")
+    h.done("echo-0", rid_a)
+    msgs = h.take()
+    assert h.to_clients(msgs) == []
+    (w, rid_c, prompt), = h.requests_sent(msgs)
+    assert prompt == "c"
+    h.advance(2.0)
+    msgs = h.take()
+    assert all(m[1] != b"gone" for m in msgs)
+    assert [(c, b["id"], b["code"]) for c, _, b in h.to_clients(msgs)] == [(b"stays", "C", "DEADLINE_EXCEEDED")]
+    assert all(m[1] != b"gone" for m in h.rec.log[5:] if m[0] == "client")
+
+
+# --- the invariant -----------------------------------------------------------------------------
+
+
+@dataclass
+class ReqState:
+    client: bytes
+    cid: Any
+    accepted: bool = False
+    final: str | None = None    # "DONE" or the ERROR code
+    chunks: int = 0
+    messages: int = 0
+    abandoned: bool = False     # its client went away
+
+
+@dataclass
+class WorkerState:
+    wid: str
+    pid: int = 0
+    credits: int = 0
+    alive: bool = False
+    registered: bool = False
+    held: dict[int, bool] = field(default_factory=dict)  # rid -> CANCEL received
+
+
+class World:
+    """Drives a BrokerCore at random and checks every message it sends against a model."""
+
+    def __init__(self, seed: int, n_workers: int):
+        self.rng = random.Random(seed)
+        self.clock = Clock()
+        self.rec = Recorder()
+        self.capacity = 5
+        self.config = parse({
+            "broker": {"heartbeat_interval_ms": 100, "heartbeat_liveness": 3},
+            "deployment": [{"name": "echo", "runtime": "echo", "queue_capacity": self.capacity,
+                            "priority_levels": 3, "default_priority": 1, "default_deadline_ms": 1500}],
+        }, "<random>")
+        self.core = BrokerCore(self.config, self.rec, clock=self.clock)
+        self.cursor = 0
+        self.workers = {f"echo-{i}": WorkerState(f"echo-{i}") for i in range(n_workers)}
+        self.next_pid = 100
+        self.clients = [b"client-0", b"client-1", b"client-2"]
+        self.next_client = 3
+        self.gone: set[bytes] = set()
+        self.reqs: dict[tuple[bytes, Any], ReqState] = {}
+        self.by_prompt: dict[str, tuple[bytes, Any]] = {}
+        self.rid_key: dict[int, tuple[bytes, Any]] = {}
+        self.dispatches: dict[int, int] = {}
+        self.serial = 0
+        self.draining = False
+        self.drained = 0
+        self.stats: dict[str, int] = {}
+        for w in self.workers.values():
+            self.start_worker(w)
+        self.pump()
+
+    def count(self, what: str) -> None:
+        self.stats[what] = self.stats.get(what, 0) + 1
+
+    # --- checking what the broker sent --------------------------------------------------------
+
+    def pump(self) -> list:
+        new = self.rec.log[self.cursor:]
+        self.cursor = len(self.rec.log)
+        self.unaccepted_dispatches: set[tuple[bytes, Any]] = set()
+        for kind, target, command, body in new:
+            if kind == "client":
+                self.on_client_msg(target, command, body)
+            elif kind == "worker":
+                self.on_worker_msg(target, command, body)
+            else:
+                if command == P.DRAINED:
+                    self.drained += 1
+                    assert self.draining
+                    assert self.drained == 1, "DRAINED sent twice"
+                    pending = [k for k, s in self.reqs.items() if s.accepted and s.final is None and not s.abandoned]
+                    assert pending == [], f"DRAINED with requests still pending: {pending}"
+                else:
+                    assert command == P.READINESS
+        # The broker may send a REQUEST before the ACCEPTED, but within the same handler.
+        assert not self.unaccepted_dispatches, f"dispatched, never accepted: {self.unaccepted_dispatches}"
+        return new
+
+    def on_client_msg(self, client: bytes, command: bytes, body: dict) -> None:
+        assert client not in self.gone, f"message to a gone client: {command} {body}"
+        key = (client, body["id"])
+        st = self.reqs.get(key)
+        assert st is not None, f"message for an unknown request {key}: {command} {body}"
+        assert st.final is None, f"message after the final for {key}: {command} {body} (final was {st.final})"
+        assert not st.abandoned
+        st.messages += 1
+        if command == P.ACCEPTED:
+            assert st.messages == 1 and not st.accepted
+            st.accepted = True
+            self.unaccepted_dispatches.discard(key)
+            self.count("accepted")
+        elif command == P.CHUNK:
+            assert st.accepted
+            assert body["index"] == st.chunks
+            st.chunks += 1
+        elif command == P.DONE:
+            assert st.accepted
+            assert body["chunks"] == st.chunks
+            st.final = "DONE"
+            self.count("DONE")
+        elif command == P.ERROR:
+            st.final = body["code"]
+            if body["code"] == "BACKPRESSURE":
+                retry = body["details"]["retry_after_ms"]
+                assert type(retry) is int and retry > 0
+            self.count(("accepted-" if st.accepted else "rejected-") + body["code"])
+        else:
+            raise AssertionError(f"unexpected client command {command}")
+
+    def on_worker_msg(self, wid: str, command: bytes, body: dict) -> None:
+        w = self.workers[wid]
+        if command == P.REQUEST:
+            assert w.alive and w.registered, f"REQUEST to {wid}, which is not registered"
+            rid = body["rid"]
+            assert rid not in w.held
+            w.held[rid] = False
+            assert len(w.held) <= w.credits, f"{wid} has {len(w.held)} outstanding with {w.credits} credits"
+            key = self.by_prompt[body["prompt"]]
+            assert self.rid_key.setdefault(rid, key) == key
+            self.dispatches[rid] = self.dispatches.get(rid, 0) + 1
+            assert self.dispatches[rid] <= MAX_DISPATCHES
+            if self.dispatches[rid] == 2:
+                self.count("redispatched")
+            st = self.reqs[key]
+            assert st.final is None and not st.abandoned, f"dispatch of a finished request {key}"
+            if not st.accepted:
+                self.unaccepted_dispatches.add(key)
+            assert st.chunks == 0, "a request that streamed output was dispatched again"
+            assert not self.draining or self.dispatches[rid] == 1
+        elif command == P.CANCEL:
+            assert body["rid"] in w.held, f"CANCEL to {wid} for rid {body['rid']} it does not hold"
+            w.held[body["rid"]] = True
+            self.count("cancel-to-worker")
+        elif command == P.DISCONNECT:
+            w.registered = False
+            w.held.clear()
+            self.count("disconnect")
+        else:
+            assert command == P.HEARTBEAT
+
+    def check_state(self) -> None:
+        for wid, w in self.workers.items():
+            assert len(w.held) <= w.credits
+            if w.registered:
+                rec = self.core.workers[wid]
+                assert rec.pid == w.pid
+                assert worker_rids(rec) == set(w.held)
+                assert len(worker_rids(rec)) <= rec.credits
+            else:
+                assert wid not in self.core.workers
+        assert len(self.core.deployments["echo"].queue) <= self.capacity + sum(
+            w.credits for w in self.workers.values()) + len(self.workers) * 3
+
+    # --- worker actions -----------------------------------------------------------------------
+
+    def send_worker(self, wid: str, command: bytes, claim: str | None = None, **body: Any) -> None:
+        body["worker"] = claim or wid
+        self.core.on_worker(wid.encode(), [P.WORKER, command, P.pack(body)])
+
+    def start_worker(self, w: WorkerState) -> None:
+        self.next_pid += 1
+        w.pid = self.next_pid
+        w.alive = True
+        self.register(w)
+
+    def register(self, w: WorkerState) -> None:
+        w.credits = self.rng.randint(1, 3)
+        w.held.clear()
+        w.registered = True
+        self.send_worker(w.wid, P.READY, deployment="echo", device="cpu:0", pid=w.pid, runtime="echo",
+                         state="ready", credits=w.credits, in_flight=0)
+
+    def live_workers(self) -> list[WorkerState]:
+        return [w for w in self.workers.values() if w.alive and w.registered]
+
+    def busy_workers(self) -> list[WorkerState]:
+        return [w for w in self.live_workers() if w.held]
+
+    def worker_final(self, w: WorkerState, rid: int, kind: str) -> None:
+        del w.held[rid]
+        if kind == "done":
+            self.send_worker(w.wid, P.DONE, rid=rid, finish_reason=self.rng.choice(["stop", "length"]))
+        else:
+            self.send_worker(w.wid, P.ERROR, rid=rid, code=kind, message="worker says no")
+
+    # --- one random step ----------------------------------------------------------------------
+
+    def submit(self, client: bytes | None = None) -> None:
+        client = client or self.rng.choice(self.clients)
+        self.serial += 1
+        cid: Any = self.serial if self.serial % 2 else f"r{self.serial}"
+        prompt = f"p{self.serial}"
+        key = (client, cid)
+        self.reqs[key] = st = ReqState(client, cid)
+        self.by_prompt[prompt] = key
+        body: dict[str, Any] = {"id": cid, "deployment": "echo", "prompt": prompt}
+        invalid = self.rng.random() < 0.03
+        if invalid:
+            body["priority"] = 3
+        elif self.rng.random() < 0.8:
+            body["priority"] = self.rng.choice([0, 1, 1, 2, 2, 2])
+        if self.rng.random() < 0.6:
+            body["deadline_ms"] = self.rng.randint(20, 3000)
+        queue_len = len(self.core.deployments["echo"].queue)
+        self.core.on_client(client, [P.CLIENT, P.SUBMIT, P.pack(body)])
+        self.pump()
+        # Answered at once: ACCEPTED, or a final ERROR.
+        assert st.messages >= 1
+        assert st.accepted or st.final is not None
+        if self.draining:
+            assert (st.accepted, st.final) == (False, "SHUTTING_DOWN")
+        elif invalid:
+            assert (st.accepted, st.final) == (False, "BAD_REQUEST")
+        elif not st.accepted:
+            assert st.final == "BACKPRESSURE"
+            assert queue_len >= self.capacity
+
+    def cancel(self) -> None:
+        client = self.rng.choice(self.clients)
+        mine = [k for k in self.reqs if k[0] == client]
+        if mine and self.rng.random() < 0.85:
+            key = self.rng.choice(mine[-12:])
+        else:
+            key = (client, f"unknown-{self.rng.randrange(1000)}")
+        st = self.reqs.get(key)
+        before = len(self.rec.log)
+        was_final = st.final if st else None
+        self.core.on_client(client, [P.CLIENT, P.CANCEL, P.pack({"id": key[1]})])
+        self.pump()
+        if st is None:
+            assert len(self.rec.log) == before, "CANCEL of an unknown id was answered"
+        elif was_final is not None or not st.accepted:
+            assert st.final == was_final
+            assert not any(m[0] == "client" for m in self.rec.log[before:])
+        else:
+            assert st.final == "CANCELLED"
+            self.count("client-cancel")
+
+    def step(self) -> None:
+        rng = self.rng
+        r = rng.random()
+        if r < 0.28:
+            self.submit()
+        elif r < 0.34:
+            self.cancel()
+        elif r < 0.48:
+            busy = self.busy_workers()
+            if busy:
+                w = rng.choice(busy)
+                rid = rng.choice(list(w.held))
+                self.send_worker(w.wid, P.CHUNK, rid=rid, text=f"t{rng.randrange(100)}")
+                if rng.random() < 0.2:
+                    self.worker_final(w, rid, "done")
+        elif r < 0.60:
+            busy = self.busy_workers()
+            if busy:
+                w = rng.choice(busy)
+                # A worker answers CANCELs first, mostly.
+                cancelled = [rid for rid, c in w.held.items() if c]
+                rid = rng.choice(cancelled) if cancelled and rng.random() < 0.7 else rng.choice(list(w.held))
+                kind = rng.choices(["done", "CANCELLED", "INTERNAL", "OUT_OF_MEMORY", "BOGUS"],
+                                   [10, 2 if not w.held[rid] else 10, 1, 1, 1])[0]
+                self.worker_final(w, rid, kind)
+        elif r < 0.72:
+            for w in self.workers.values():
+                if w.alive and rng.random() < 0.6:
+                    if w.registered:
+                        self.send_worker(w.wid, P.HEARTBEAT, state="ready", credits=w.credits,
+                                         in_flight=len(w.held))
+                    else:
+                        self.register(w)
+                        self.count("re-ready-after-disconnect")
+        elif r < 0.735:
+            alive = [w for w in self.workers.values() if w.alive]
+            if alive:
+                w = rng.choice(alive)
+                before = len(self.rec.log)
+                self.core.on_worker_exited(w.wid, w.pid + 1000)  # a stale pid: ignored
+                assert len(self.rec.log) == before
+                self.core.on_worker_exited(w.wid, w.pid)
+                w.alive = False
+                w.registered = False
+                w.held.clear()
+                self.count("exit")
+        elif r < 0.76:
+            dead = [w for w in self.workers.values() if not w.alive]
+            if dead:
+                self.start_worker(rng.choice(dead))
+                self.count("restart")
+        elif r < 0.77:
+            live = self.live_workers()
+            if live:
+                # A live worker registers again (it reconnected): its old work is dropped.
+                self.register(rng.choice(live))
+                self.count("re-register")
+        elif r < 0.78:
+            # A message from a worker the broker does not know: DISCONNECT and nothing else.
+            unknown = [w for w in self.workers.values() if not w.registered]
+            if unknown and self.rid_key:
+                w = rng.choice(unknown)
+                before = len(self.rec.log)
+                self.send_worker(w.wid, P.DONE, rid=rng.choice(list(self.rid_key)), finish_reason="stop")
+                assert self.rec.log[before:] == [("worker", w.wid, P.DISCONNECT, {"reason": "not registered"})]
+                if not w.alive:
+                    self.rec.log.pop()  # a dead process hears nothing
+                    self.cursor = len(self.rec.log)
+        elif r < 0.79:
+            busy = self.busy_workers()
+            others = [w for w in self.workers.values() if w.registered]
+            if busy and len(others) > 1:
+                w = rng.choice(busy)
+                liar = rng.choice([o for o in others if o is not w])
+                before = len(self.rec.log)
+                self.send_worker(liar.wid, P.DONE, claim=w.wid, rid=rng.choice(list(w.held)),
+                                 finish_reason="stop")
+                assert len(self.rec.log) == before, "a message claiming another worker's id was acted on"
+        elif r < 0.97:
+            if rng.random() < 0.1:
+                self.clock.advance(rng.uniform(0.2, 0.6))
+            else:
+                self.clock.advance(rng.uniform(0.0, 0.06))
+            self.core.tick()
+        else:
+            if rng.random() < 0.3:
+                client = rng.choice(self.clients)
+                for st in self.reqs.values():
+                    if st.client == client and st.accepted and st.final is None:
+                        st.abandoned = True
+                self.core.on_client_gone(client)
+                self.gone.add(client)
+                self.clients.remove(client)
+                self.clients.append(b"client-%d" % self.next_client)
+                self.next_client += 1
+                self.count("client-gone")
+        self.pump()
+        self.check_state()
+
+    # --- ending -------------------------------------------------------------------------------
+
+    def settle(self, until: float) -> None:
+        """Keep the workers alive and tick until the clock passes ``until``."""
+        while self.clock() < until:
+            for w in self.workers.values():
+                if w.alive and w.registered:
+                    self.send_worker(w.wid, P.HEARTBEAT, state="ready", credits=w.credits, in_flight=len(w.held))
+            self.pump()
+            self.clock.advance(0.05)
+            self.core.tick()
+            self.pump()
+            self.check_state()
+
+    def finish_workers(self) -> None:
+        """Workers answer everything they hold; nothing of it may reach a client."""
+        for w in self.workers.values():
+            if w.alive and w.registered:
+                for rid in list(w.held):
+                    before = len(self.rec.log)
+                    self.worker_final(w, rid, "done")
+                    new = self.pump()
+                    assert [m for m in new if m[0] == "client"] == [], "a finished request was answered again"
+                    del before
+        self.check_state()
+
+    def check_all_final(self) -> None:
+        pending = [k for k, s in self.reqs.items() if s.accepted and s.final is None and not s.abandoned]
+        assert pending == [], f"accepted requests without a final reply: {pending}"
+        for st in self.reqs.values():
+            assert st.messages >= 1
+            if st.abandoned:
+                assert st.final is None
+            else:
+                assert st.final is not None
+
+
+def run_world(seed: int, n_workers: int, steps: int, drain: bool) -> World:
+    world = World(seed, n_workers)
+    for _ in range(steps):
+        world.step()
+    if drain:
+        world.draining = True
+        grace = world.rng.uniform(0.1, 1.0)
+        world.core.drain(grace)
+        world.pump()
+        world.check_state()
+        end = world.clock() + grace
+        for _ in range(steps // 10):
+            world.step()
+        world.settle(max(end, world.clock()) + 0.2)
+        assert world.drained == 1
+    else:
+        world.settle(world.clock() + 3.5)
+    world.check_all_final()
+    world.finish_workers()
+    world.settle(world.clock() + 0.2)
+    core = world.core
+    assert core.requests == {}, core.requests
+    assert core.by_client == {}
+    assert len(core.deployments["echo"].queue) == 0
+    assert all(not worker_rids(w) for w in core.workers.values())
+    if drain:
+        assert world.drained == 1
+    else:
+        assert world.drained == 0
+    return world
+
+
+def check_metrics(world: World) -> None:
+    m = world.core.metrics()["echo"]
+    finals: dict[str, int] = {}
+    for st in world.reqs.values():
+        if st.final is not None:
+            finals[(st.final, st.accepted)] = finals.get((st.final, st.accepted), 0) + 1
+    abandoned = sum(1 for st in world.reqs.values() if st.abandoned)
+    assert m["completed"] == finals.get(("DONE", True), 0)
+    assert m["rejected_backpressure"] == finals.get(("BACKPRESSURE", True), 0) + finals.get(
+        ("BACKPRESSURE", False), 0)
+    assert m["cancelled"] == finals.get(("CANCELLED", True), 0) + abandoned
+    assert m["timed_out"] == finals.get(("DEADLINE_EXCEEDED", True), 0)
+    assert m["failed"] == sum(finals.get((code, True), 0)
+                              for code in ("WORKER_LOST", "SHUTTING_DOWN", "INTERNAL", "OUT_OF_MEMORY"))
+    assert m["queued"] == 0 and m["in_flight"] == 0
+
+
+@pytest.mark.parametrize("seed,n_workers,drain", [(1, 2, False), (2, 3, False), (3, 3, True), (4, 2, True),
+                                                  (5, 3, False)])
+def test_invariant_exactly_one_final_and_credits_respected(seed, n_workers, drain):
+    world = run_world(seed, n_workers, steps=4000, drain=drain)
+    check_metrics(world)
+    s = world.stats
+    # The run must have exercised the interesting paths, or it proves little.
+    for what in ("accepted", "DONE", "client-cancel", "cancel-to-worker", "redispatched", "exit", "restart",
+                 "disconnect", "accepted-DEADLINE_EXCEEDED", "accepted-WORKER_LOST", "accepted-BACKPRESSURE",
+                 "rejected-BACKPRESSURE", "rejected-BAD_REQUEST", "accepted-CANCELLED", "client-gone"):
+        assert s.get(what, 0) > 0, (what, s)
+    if drain:
+        assert s.get("rejected-SHUTTING_DOWN", 0) + s.get("accepted-SHUTTING_DOWN", 0) > 0, s
+
+
+def test_deadline_heap_stays_bounded_under_sustained_load():
+    # Finished requests leave their deadline entries behind; without compaction the heap
+    # would hold every request of the last default_deadline_ms, growing with throughput.
+    h = Harness(default_deadline_ms=3_600_000)
+    h.ready("echo-0", credits=4)
+    h.take()
+    for i in range(20_000):
+        h.submit(i, "x")
+        rid = next(m[3]["rid"] for m in h.take() if m[2] == P.REQUEST)
+        h.done("echo-0", rid)
+        h.take()
+    assert h.metrics()["completed"] == 20_000
+    assert len(h.core._deadlines) <= 2 * len(h.core.requests) + 1024 + 1
+    # Compaction keeps what is still pending: a queued request still expires on time.
+    h.submit("late", "x", deadline_ms=100)
+    h.submit("later", "y", deadline_ms=100)
+    h.submit("latest", "z", deadline_ms=100)
+    h.submit("waiting", "w", deadline_ms=100)
+    h.submit("queued", "q", deadline_ms=100)
+    h.take()
+    h.advance(0.2)
+    codes = [m[3]["code"] for m in h.take() if m[0] == "client" and m[2] == P.ERROR]
+    assert codes == ["DEADLINE_EXCEEDED"] * 5
