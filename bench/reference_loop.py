@@ -1,0 +1,89 @@
+"""The reference that bench_core.py measures inferd against: the least a ZeroMQ broker can do.
+
+Two processes, started by the benchmark:
+
+* ``forwarder FRONTEND BACKEND``: a ROUTER for clients and a DEALER for the one
+  worker, and a poll loop that moves frames between them untouched. It never
+  decodes a body: the client's routing id travels with the message to the
+  worker and back, so there is no queue, no request table, no admission.
+* ``worker BACKEND``: decodes each SUBMIT and answers with the messages inferd
+  sends (ACCEPTED, one CHUNK per word, DONE) in the same IFDC1 three-frame
+  format, so the client cannot tell the two apart.
+
+What inferd adds on top of this (validation, queueing, credits, deadlines,
+metrics, a worker engine thread) is what the benchmark puts a price on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+import msgpack
+import zmq
+
+SIGNATURE = b"IFDC1"
+EPOCH = int.from_bytes(os.urandom(6), "big")
+
+
+def die_with_parent() -> None:
+    """Let the kernel kill this process if the benchmark dies without cleaning up."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:
+        sys.exit(1)
+
+
+def forwarder(frontend_endpoint: str, backend_endpoint: str) -> None:
+    ctx = zmq.Context()
+    frontend = ctx.socket(zmq.ROUTER)
+    frontend.bind(frontend_endpoint)
+    backend = ctx.socket(zmq.DEALER)
+    backend.bind(backend_endpoint)
+    peer = {frontend: backend, backend: frontend}
+    poller = zmq.Poller()
+    poller.register(frontend, zmq.POLLIN)
+    poller.register(backend, zmq.POLLIN)
+    while True:
+        for sock, _ in poller.poll():
+            # Drain what is there before polling again, as inferd's broker does.
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                peer[sock].send_multipart(frames)
+
+
+def worker(backend_endpoint: str) -> None:
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.connect(backend_endpoint)
+
+    def reply(client: bytes, command: bytes, body: dict) -> None:
+        sock.send_multipart([client, SIGNATURE, command, msgpack.packb(body)])
+
+    while True:
+        client, _signature, command, body = sock.recv_multipart()
+        if command != b"SUBMIT":
+            continue  # the benchmark sends nothing else
+        request = msgpack.unpackb(body)
+        cid = request["id"]
+        reply(client, b"ACCEPTED", {"id": cid, "epoch": EPOCH, "join": " "})
+        words = request["prompt"].split()
+        for index, word in enumerate(words):
+            chunk = {"id": cid, "index": index, "text": word}
+            if index == len(words) - 1:
+                chunk["finish_reason"] = "stop"
+            reply(client, b"CHUNK", chunk)
+        reply(client, b"DONE", {"id": cid, "finish_reason": "stop", "chunks": len(words)})
+
+
+def main() -> None:
+    die_with_parent()
+    role, *endpoints = sys.argv[1:]
+    {"forwarder": forwarder, "worker": worker}[role](*endpoints)
+
+
+if __name__ == "__main__":
+    main()
