@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from inferd import runtimes
+from inferd.schema import Param
 
 
 class ConfigError(Exception):
@@ -27,7 +28,7 @@ class ConfigError(Exception):
 
 def _opt(default: Any = dataclasses.MISSING, *, kind: type, expect: str,
          check: Callable[[Any], bool] = lambda v: True, factory: Callable[[], Any] | None = None) -> Any:
-    meta = {"kind": kind, "expect": expect, "check": check}
+    meta = {"param": Param(kind, expect, check)}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     if default is dataclasses.MISSING:
@@ -51,7 +52,16 @@ class DaemonConfig:
     drain_grace_s: float = _opt(30.0, kind=float, expect="a number of seconds >= 0",
                                 check=lambda v: v >= 0 and math.isfinite(v))
     stop_timeout_s: float = _opt(10.0, kind=float, expect="a number of seconds > 0", check=_positive)
-    restart_delay_ms: int = _opt(500, kind=int, expect="an integer >= 0", check=lambda v: v >= 0)
+    restart_backoff_min_ms: int = _opt(100, kind=int, expect="an integer between 0 and 600000",
+                                       check=lambda v: 0 <= v <= 600_000)
+    restart_backoff_max_ms: int = _opt(30_000, kind=int, expect="an integer between 0 and 3600000",
+                                       check=lambda v: 0 <= v <= 3_600_000)
+    restart_backoff_reset_s: float = _opt(60.0, kind=float, expect="a number of seconds > 0", check=_positive)
+    restart_backoff_jitter: float = _opt(0.2, kind=float, expect="a number between 0 and 1",
+                                         check=lambda v: 0 <= v <= 1)
+    escalation_max: int = _opt(10, kind=int, expect="an integer between 1 and 100000",
+                               check=lambda v: 1 <= v <= 100_000)
+    escalation_window_s: float = _opt(60.0, kind=float, expect="a number of seconds > 0", check=_positive)
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,10 @@ class DeploymentConfig:
                                     check=lambda v: 1 <= v <= 86_400_000)
     max_concurrency: int = _opt(8, kind=int, expect="an integer between 1 and 4096",
                                 check=lambda v: 1 <= v <= 4096)
+    max_restarts: int = _opt(3, kind=int, expect="an integer between 0 and 100000",
+                             check=lambda v: 0 <= v <= 100_000)
+    restart_window_s: float = _opt(60.0, kind=float, expect="a number of seconds > 0", check=_positive)
+    watchdog_s: float = _opt(60.0, kind=float, expect="a number of seconds > 0", check=_positive)
     options: dict = _opt(factory=dict, kind=dict, expect="a table of runtime options")
 
 
@@ -187,17 +201,14 @@ def _build(cls: type, table: dict[str, Any], where: str, path: str) -> Any:
                               f"{', '.join(sorted(fields))}")
     values = {}
     for name, f in fields.items():
-        meta = f.metadata
+        param = f.metadata["param"]
         if name not in table:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{path}: {where}.{name}: missing; expected {meta['expect']}")
+                raise ConfigError(f"{path}: {where}.{name}: missing; expected {param.expect}")
             continue
         value = table[name]
-        kind = meta["kind"]
-        ok_type = (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)) or (
-            kind is float and isinstance(value, int) and not isinstance(value, bool)
-        )
-        if not ok_type or not meta["check"](value):
-            raise ConfigError(f"{path}: {where}.{name}: expected {meta['expect']}, got {value!r}")
-        values[name] = float(value) if kind is float else value
+        problem = param.problem(value)
+        if problem:
+            raise ConfigError(f"{path}: {where}.{name}: {problem}")
+        values[name] = float(value) if param.kind is float else value
     return cls(**values)

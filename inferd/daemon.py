@@ -11,15 +11,28 @@ from pathlib import Path
 import click
 
 from inferd import __version__, exitcodes
-from inferd.config import ConfigError, load
+from inferd.config import Config, ConfigError, load
 from inferd.devices import discover
 from inferd.paths import Endpoints, RuntimeDirBusy, RuntimeDirError, default_runtime_dir, lock, prepare
-from inferd.placement import plan
+from inferd.placement import WorkerPlan, plan
 from inferd.proc import setup_logging
-from inferd.restart import FixedDelay
+from inferd.restart import Limits, SupervisionPolicy
 from inferd.supervisor import Supervisor
 
 DEFAULT_CONFIG = "/etc/inferd/inferd.toml"
+# The broker's own retry window: past it the daemon cannot serve, and exits for systemd to act.
+BROKER_LIMITS = Limits(max_restarts=3, within_s=60.0)
+
+
+def policy(config: Config, plans: list[WorkerPlan]) -> SupervisionPolicy:
+    d = config.daemon
+    limits = {p.id: Limits(config.deployment(p.deployment).max_restarts, config.deployment(p.deployment).restart_window_s)
+              for p in plans}
+    limits["broker"] = BROKER_LIMITS
+    return SupervisionPolicy(limits, backoff_min_s=d.restart_backoff_min_ms / 1000,
+                             backoff_max_s=d.restart_backoff_max_ms / 1000, backoff_reset_s=d.restart_backoff_reset_s,
+                             jitter=d.restart_backoff_jitter, escalation_max=d.escalation_max,
+                             escalation_window_s=d.escalation_window_s)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,7 +73,7 @@ def main(config_path: str, runtime_dir: str | None, log_level: str | None, check
         sys.exit(exitcodes.FAILURE)
     if log_level:  # children read the level from the config they are handed
         config = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, log_level=log_level))
-    code = Supervisor(config, endpoints, devices, note, plans, FixedDelay(config.daemon.restart_delay_ms / 1000)).run()
+    code = Supervisor(config, endpoints, devices, note, plans, policy(config, plans)).run()
     os.close(lock_fd)
     sys.exit(code)
 

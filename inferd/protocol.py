@@ -59,10 +59,13 @@ WORKER_EXITED = b"WORKER_EXITED"
 DRAIN = b"DRAIN"              # supervisor -> broker: stop accepting, finish in-flight
 DRAINED = b"DRAINED"          # broker -> supervisor: nothing left in flight
 READINESS = b"READINESS"      # broker -> supervisor: deployments with a ready worker
+UNRESPONSIVE = b"UNRESPONSIVE"  # broker -> supervisor: silent or hung worker; kill it
+RESTART = b"RESTART"          # inferctl -> broker -> supervisor: restart a worker, clear its window
+RESTARTED = b"RESTARTED"      # supervisor -> broker: the answer to RESTART
 
 CLIENT_COMMANDS = frozenset({SUBMIT, CANCEL, PING})
 WORKER_COMMANDS = frozenset({READY, HEARTBEAT, CHUNK, DONE, ERROR})
-CONTROL_COMMANDS = frozenset({STATUS, METRICS})
+CONTROL_COMMANDS = frozenset({STATUS, METRICS, RESTART})
 
 # Finish reasons carried by DONE (and by the last CHUNK when the runtime knows it is last).
 FINISH_STOP = "stop"          # the output ended on its own (end of text, a stop string)

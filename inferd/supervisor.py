@@ -33,13 +33,14 @@ from typing import Any
 
 import zmq
 
-from inferd import __version__, protocol as P
+from inferd import __version__, exitcodes, protocol as P
 from inferd.config import Config
 from inferd.devices import Device
+from inferd.failures import Failure, describe_exit, from_exit_status
 from inferd.paths import Endpoints, private_umask
 from inferd.placement import WorkerPlan
 from inferd.proc import PARENT_ENV, SPEC_ENV
-from inferd.restart import RestartPolicy
+from inferd.restart import FAIL, RESTART_AFTER, SHUTDOWN, SupervisionPolicy
 from inferd.sdnotify import Notifier
 
 log = logging.getLogger("inferd.supervisor")
@@ -64,6 +65,8 @@ class Child:
     restart_at: float | None = None
     last_exit: str | None = None
     started_at: float = field(default=0.0)
+    killed_for: str | None = None     # why the supervisor SIGKILLed it (hung, silent)
+    operator_restart: bool = False    # inferctl restart: respawn at once, outside the policy
 
     @property
     def pid(self) -> int | None:
@@ -73,21 +76,14 @@ class Child:
         assert self.plan is not None
         return {"id": self.name, "deployment": self.plan.deployment, "replica": self.plan.replica,
                 "device": self.plan.device.id, "pid": self.pid or 0, "state": self.state,
-                "restarts": self.restarts, "last_exit": self.last_exit}
-
-
-def describe_exit(status: int) -> str:
-    if status < 0:
-        try:
-            return f"killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"exited with status {status}"
+                "restarts": self.restarts, "last_exit": self.last_exit,
+                "restart_in_s": round(max(0.0, self.restart_at - time.monotonic()), 2)
+                if self.restart_at is not None else None}
 
 
 class Supervisor:
     def __init__(self, config: Config, endpoints: Endpoints, devices: list[Device], device_note: str,
-                 plans: list[WorkerPlan], policy: RestartPolicy):
+                 plans: list[WorkerPlan], policy: SupervisionPolicy):
         self.config = config
         self.endpoints = endpoints
         self.devices = devices
@@ -100,6 +96,7 @@ class Supervisor:
         self.phase_deadline = float("inf")
         self.broker_peer: bytes | None = None
         self.all_ready_once = False
+        self.exit_status = exitcodes.OK
 
         base = {"config": config.to_dict(), "runtime_dir": str(endpoints.runtime_dir),
                 "frontend": config.broker.frontend}
@@ -156,10 +153,10 @@ class Supervisor:
             self._run_timers()
             if self.phase == "stopping" and not self._alive():
                 break
-        log.info("inferd stopped")
+        log.info("inferd stopped (exit status %d)", self.exit_status)
         self.link.close(0)
         self.ctx.term()
-        return 0
+        return self.exit_status
 
     def _next_timer(self) -> float:
         times = [c.restart_at for c in self._children() if c.restart_at is not None]
@@ -259,24 +256,44 @@ class Supervisor:
                 continue
             pid = child.proc.pid
             child.proc = None
-            child.last_exit = describe_exit(status)
-            level = logging.INFO if self.phase != "running" else logging.WARNING
-            log.log(level, "%s (pid %d) %s", child.name, pid, child.last_exit)
+            now = time.monotonic()
+            # A child we killed because it hung is an unknown failure, whatever its signal says.
+            failure = Failure.UNKNOWN if child.killed_for else from_exit_status(status)
+            child.last_exit = f"killed: {child.killed_for}" if child.killed_for else describe_exit(status)
+            child.killed_for = None
             if child is self.broker:
                 self.broker_peer = None
             else:
                 self._to_broker(P.WORKER_EXITED, {"worker": child.name, "pid": pid, "status": status})
             if self.phase != "running":
+                log.info("%s (pid %d) %s", child.name, pid, child.last_exit)
                 child.state = "stopped"
+            elif child.operator_restart:
+                log.info("%s (pid %d) stopped for an operator restart", child.name, pid)
+                child.operator_restart = False
+                child.state, child.restart_at = "restarting", now
             else:
-                delay = self.policy.on_exit(child.name, status, time.monotonic())
-                if delay is None:
-                    child.state = "stopped"
-                else:
-                    child.state = "restarting"
-                    child.restart_at = time.monotonic() + delay
+                self._decide(child, pid, failure, now)
             if child.plan is not None:
                 self._publish()
+
+    def _decide(self, child: Child, pid: int, failure: Failure, now: float) -> None:
+        decision = self.policy.on_exit(child.name, failure, now - child.started_at, now)
+        if decision.action == RESTART_AFTER:
+            log.warning("%s (pid %d) %s: %s, restarting in %.2f s", child.name, pid, child.last_exit,
+                        decision.directive.value, decision.delay_s)
+            child.state, child.restart_at = "restarting", now + decision.delay_s
+        elif decision.action == FAIL and child is not self.broker:
+            log.error("%s (pid %d) %s: %s; it stays down until `inferctl restart %s`", child.name, pid,
+                      child.last_exit, decision.reason, child.name)
+            child.state = "failed"
+            child.last_exit = f"{child.last_exit}; {decision.reason}"
+        else:  # the daemon-wide intensity is spent, or the broker keeps dying: systemd takes over
+            why = decision.reason if decision.action == SHUTDOWN else f"the broker {decision.reason}"
+            log.critical("%s (pid %d) %s; giving up: %s", child.name, pid, child.last_exit, why)
+            child.state = "failed"
+            self.exit_status = exitcodes.ESCALATED
+            self._begin_drain(0.0)
 
     # --- the link to the broker -----------------------------------------------------------
 
@@ -288,7 +305,8 @@ class Supervisor:
                 return
             peer, rest = frames[0], frames[1:]
             try:
-                command, body = P.decode(P.SUPERVISOR, rest, frozenset({P.HELLO, P.READINESS, P.DRAINED}))
+                command, body = P.decode(P.SUPERVISOR, rest, frozenset({
+                    P.HELLO, P.READINESS, P.DRAINED, P.UNRESPONSIVE, P.RESTART}))
             except P.ProtocolError as exc:
                 log.error("malformed message on the supervisor link: %s", exc.reason)
                 continue
@@ -303,6 +321,39 @@ class Supervisor:
             elif command == P.DRAINED and self.phase == "draining":
                 log.info("drain complete")
                 self._begin_stop()
+            elif command == P.UNRESPONSIVE:
+                self._kill_unresponsive(str(body.get("worker")), body.get("pid"), str(body.get("reason", "")))
+            elif command == P.RESTART:
+                ok, message = self._operator_restart(str(body.get("worker")))
+                self._to_broker(P.RESTARTED, {"token": body.get("token"), "ok": ok, "message": message})
+
+    def _worker(self, name: str) -> Child | None:
+        return next((c for c in self.workers if c.name == name), None)
+
+    def _kill_unresponsive(self, name: str, pid: Any, reason: str) -> None:
+        child = self._worker(name)
+        if child is None or child.proc is None or child.pid != pid:
+            return  # already gone, or already replaced
+        log.warning("%s (pid %d) is unresponsive (%s): killing it", name, pid, reason)
+        child.killed_for = reason
+        child.proc.kill()
+
+    def _operator_restart(self, name: str) -> tuple[bool, str]:
+        """``inferctl restart``: a fresh retry window, and the worker started again now."""
+        child = self._worker(name)
+        if child is None:
+            return False, f"no worker named {name!r}; known: {', '.join(c.name for c in self.workers)}"
+        if self.phase != "running":
+            return False, "inferd is shutting down"
+        was = child.state
+        self.policy.clear(name)
+        log.info("operator restart of %s (was %s)", name, was)
+        if child.proc is None:
+            child.state, child.restart_at = "restarting", time.monotonic()
+        else:
+            child.operator_restart = True
+            child.proc.terminate()
+        return True, f"restarting {name} (was {was})"
 
     def _on_readiness(self, ready: dict[str, int]) -> None:
         summary = ", ".join(f"{name} {count}/{self.config.deployment(name).replicas}"

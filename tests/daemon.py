@@ -31,7 +31,7 @@ default_deadline_ms = {default_deadline_ms}
 def echo_config(replicas: int = 2, queue_capacity: int = 1024, max_concurrency: int = 8,
                 default_deadline_ms: int = 60_000, daemon: str = "", broker: str = "", extra: str = "") -> str:
     return "\n".join([
-        "[daemon]\nlog_level = \"info\"\nrestart_delay_ms = 100\n" + textwrap.dedent(daemon),
+        "[daemon]\nlog_level = \"info\"\nrestart_backoff_min_ms = 50\n" + textwrap.dedent(daemon),
         "[broker]\nheartbeat_interval_ms = 200\nheartbeat_liveness = 4\n" + textwrap.dedent(broker),
         ECHO.format(replicas=replicas, queue_capacity=queue_capacity, max_concurrency=max_concurrency,
                     default_deadline_ms=default_deadline_ms),

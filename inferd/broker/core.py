@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from inferd import __version__, protocol as P, runtimes
+from inferd import __version__, exitcodes, failures, protocol as P, runtimes
 from inferd.config import Config, DeploymentConfig
 from inferd.errors import ErrorCode
 from inferd.metrics import DeploymentMetrics
@@ -75,6 +75,9 @@ class WorkerRecord:
     last_seen: float
     requests: dict[int, Request] = field(default_factory=dict)   # dispatched, not yet final from the worker
     dispatch_seq: int = 0
+    last_progress: float = 0.0    # its last output, or when it last went from idle to busy
+    resumes: int = 0              # out-of-memory steps it survived
+    failure: str | None = None    # what it reported in band before going down
 
     @property
     def outstanding(self) -> int:
@@ -97,6 +100,9 @@ class Deployment:
         self.metrics = DeploymentMetrics()
         # Smoothed dispatch-to-final time, for the BACKPRESSURE retry hint.
         self.service_ms = 100.0
+        # False once the supervisor reports every worker of this deployment failed (not
+        # restarting): its requests then get UNAVAILABLE at once instead of waiting.
+        self.available = True
 
     def ready_workers(self) -> int:
         return sum(1 for w in self.workers.values() if w.state == "ready")
@@ -126,6 +132,8 @@ class BrokerCore:
         self._drain_deadline = math.inf
         self._drained_sent = False
         self._readiness: dict[str, int] = {}
+        # The supervisor's answers to operator commands, for the process loop to relay.
+        self.control_replies: list[dict[str, Any]] = []
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -175,6 +183,10 @@ class BrokerCore:
                                 f"no deployment named {body['deployment']!r}",
                                 {"deployments": sorted(self.deployments)})
         cfg = dep.config
+        if not dep.available:
+            return self._reject(client, cid, ErrorCode.UNAVAILABLE,
+                                f"deployment {dep.name!r} has no worker left: all failed and stopped",
+                                {"hint": "inferctl restart WORKER"})
         priority = body.get("priority")
         if priority is None:
             priority = cfg.default_priority
@@ -187,7 +199,7 @@ class BrokerCore:
         # A request may shorten the deployment's deadline, never extend it (Triton's rule).
         deadline_ms = min(deadline_ms or cfg.default_deadline_ms, cfg.default_deadline_ms)
         params = body.get("params") or {}
-        problem = runtimes.validate_params(cfg.runtime, params)
+        problem = runtimes.validate_params(cfg.runtime, params, cfg.options)
         if problem:
             raise P.ProtocolError(f"SUBMIT: params.{problem}", cid)
 
@@ -277,6 +289,7 @@ class BrokerCore:
         req = worker.requests.get(body.get("rid"))
         if req is None:
             return  # a late message for a request already given up on
+        worker.last_progress = worker.last_seen
         if command == P.CHUNK:
             self._chunk(req, body)
         else:
@@ -310,10 +323,15 @@ class BrokerCore:
 
     @staticmethod
     def _apply_load(worker: WorkerRecord, body: dict[str, Any]) -> bool:
-        """Take the credits and state a worker reports; True if its state changed."""
-        credits, state = body.get("credits"), body.get("state")
+        """Take the credits, state and failure a worker reports; True if its state changed."""
+        credits, state, resumes = body.get("credits"), body.get("state"), body.get("resumes")
         if isinstance(credits, int) and not isinstance(credits, bool) and credits >= 0:
             worker.credits = credits
+        if isinstance(resumes, int) and not isinstance(resumes, bool):
+            worker.resumes = resumes
+        if isinstance(body.get("failure"), str):
+            worker.failure = f"{body['failure']}: {body.get('reason', '')}"
+            log.error("worker %s reports %s", worker.id, worker.failure)
         if isinstance(state, str) and state != worker.state:
             worker.state = state
             return True
@@ -349,13 +367,15 @@ class BrokerCore:
         self._finish(req, P.ERROR, P.error_body(req.cid, ErrorCode(code), str(body.get("message", "")),
                                                 body.get("details")), counter)
 
-    def on_worker_exited(self, wid: str, pid: int) -> None:
+    def on_worker_exited(self, wid: str, pid: int, status: int) -> None:
         """The supervisor saw the process exit: faster than waiting for missed heartbeats."""
         worker = self.workers.get(wid)
         if worker is not None and worker.pid == pid:
-            self._lose_worker(worker, "process exited")
+            poisoned = status == exitcodes.WORKER_POISONED
+            self._lose_worker(worker, failures.describe_exit(status),
+                              ErrorCode.CONTEXT_POISONED if poisoned else ErrorCode.WORKER_LOST)
 
-    def _lose_worker(self, worker: WorkerRecord, why: str) -> None:
+    def _lose_worker(self, worker: WorkerRecord, why: str, code: ErrorCode = ErrorCode.WORKER_LOST) -> None:
         self.workers.pop(worker.id, None)
         dep = worker.deployment
         dep.workers.pop(worker.id, None)
@@ -370,8 +390,8 @@ class BrokerCore:
                 req.entry = dep.queue.requeue(req, req.priority)
             else:
                 self._finish(req, P.ERROR, P.error_body(
-                    req.cid, ErrorCode.WORKER_LOST,
-                    f"worker {worker.id} was lost ({why}) after streaming {req.chunks} chunk(s)"), "failed")
+                    req.cid, code, f"worker {worker.id} was lost ({why}) after streaming {req.chunks} chunk(s)"),
+                    "failed")
         self._report_readiness()
         self._dispatch(dep)
 
@@ -385,6 +405,8 @@ class BrokerCore:
             req = dep.queue.pop()
             req.entry = None
             worker = dep.router.choose(candidates, req.affinity)
+            if not worker.requests:
+                worker.last_progress = self.clock()
             self._dispatch_seq += 1
             worker.dispatch_seq = self._dispatch_seq
             worker.requests[req.rid] = req
@@ -446,8 +468,10 @@ class BrokerCore:
             self._next_heartbeat = now + self._hb_interval
             for worker in list(self.workers.values()):
                 if now - worker.last_seen > self._hb_expiry:
-                    self._lose_worker(worker, f"no message for {now - worker.last_seen:.1f} s")
-                    self.transport.to_worker(worker.id, P.DISCONNECT, {"reason": "heartbeat expired"})
+                    self._unresponsive(worker, f"no message for {now - worker.last_seen:.1f} s")
+                elif worker.requests and now - worker.last_progress > worker.deployment.config.watchdog_s:
+                    self._unresponsive(worker, f"hung: no progress for {now - worker.last_progress:.1f} s "
+                                               f"with {worker.outstanding} request(s) in flight")
                 else:
                     self.transport.to_worker(worker.id, P.HEARTBEAT, {})
         if self.draining and now >= self._drain_deadline:
@@ -456,6 +480,12 @@ class BrokerCore:
                 self._finish(req, P.ERROR, P.error_body(
                     req.cid, ErrorCode.SHUTTING_DOWN, "inferd shut down before the request finished"), "failed")
             self._maybe_drained()
+
+    def _unresponsive(self, worker: WorkerRecord, why: str) -> None:
+        """A silent or hung worker: give up on it here, and have the supervisor kill the process."""
+        self._lose_worker(worker, why)
+        self.transport.to_worker(worker.id, P.DISCONNECT, {"reason": why})
+        self.transport.to_supervisor(P.UNRESPONSIVE, {"worker": worker.id, "pid": worker.pid, "reason": why})
 
     def next_timeout(self) -> float:
         """Seconds until :meth:`tick` has something to do."""
@@ -468,16 +498,40 @@ class BrokerCore:
 
     def on_supervisor(self, frames: list[bytes]) -> None:
         try:
-            command, body = P.decode(P.SUPERVISOR, frames, frozenset({P.WORKERS, P.WORKER_EXITED, P.DRAIN}))
+            command, body = P.decode(P.SUPERVISOR, frames, frozenset({
+                P.WORKERS, P.WORKER_EXITED, P.DRAIN, P.RESTARTED}))
         except P.ProtocolError as exc:
             log.error("malformed message from the supervisor: %s", exc.reason)
             return
         if command == P.WORKERS:
             self.supervisor_view = body
+            self._update_availability(body.get("workers", []))
         elif command == P.WORKER_EXITED:
-            self.on_worker_exited(str(body.get("worker")), int(body.get("pid", -1)))
+            self.on_worker_exited(str(body.get("worker")), int(body.get("pid", -1)), int(body.get("status", 1)))
+        elif command == P.RESTARTED:
+            self.control_replies.append(body)
         else:
             self.drain(float(body.get("grace_s", 0)))
+
+    def _update_availability(self, rows: list[dict[str, Any]]) -> None:
+        """A deployment whose every worker is failed (not restarting) cannot serve: say so now."""
+        for dep in self.deployments.values():
+            states = [row["state"] for row in rows if row.get("deployment") == dep.name]
+            available = not states or any(state != "failed" for state in states)
+            if available == dep.available:
+                continue
+            dep.available = available
+            log.log(logging.INFO if available else logging.ERROR, "deployment %s is %s", dep.name,
+                    "available again" if available else "unavailable: all its workers failed")
+            if not available:
+                for req in list(dep.queue.drain()):
+                    req.entry = None
+                    self._finish(req, P.ERROR, P.error_body(
+                        req.cid, ErrorCode.UNAVAILABLE, f"deployment {dep.name!r} has no worker left"), "failed")
+
+    def restart_worker(self, wid: str, token: Any) -> None:
+        """An operator's ``inferctl restart``: the supervisor acts and answers with RESTARTED."""
+        self.transport.to_supervisor(P.RESTART, {"worker": wid, "token": token})
 
     def drain(self, grace_s: float) -> None:
         """Stop accepting, fail what is queued, give in-flight work ``grace_s`` to finish."""
@@ -529,12 +583,15 @@ class BrokerCore:
                 registered = worker is not None and worker.pid == proc["pid"]
                 row["state"] = worker.state if registered else "starting"
             row["credits"] = worker.credits if worker else 0
-            row["in_flight"] = len(worker.requests) if worker else 0
+            row["in_flight"] = worker.outstanding if worker else 0
+            row["resumes"] = worker.resumes if worker else 0
             rows.append(row)
         deployments = {}
         for name, dep in self.deployments.items():
             ready = dep.ready_workers()
             state = ("healthy" if ready >= dep.config.replicas else "degraded" if ready else "unavailable")
+            if not dep.available:
+                state = "failed"
             deployments[name] = {"state": state, "runtime": dep.config.runtime, "replicas": dep.config.replicas,
                                  "ready": ready, "queued": len(dep.queue), "in_flight": self.in_flight(dep)}
         daemon = dict(view.get("daemon", {}))

@@ -88,6 +88,8 @@ class Broker:
         self.link.connect(endpoints.supervisor)
         self.transport = ZmqTransport(self.frontend, self.backend, self.link)
         self.core = BrokerCore(config, self.transport)
+        self._pending_control: dict[int, tuple[bytes, Any]] = {}  # RESTART token -> (inferctl peer, its id)
+        self._control_token = 0
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -151,17 +153,35 @@ class Broker:
 
     def _from_supervisor(self, frames: list[bytes]) -> None:
         self.core.on_supervisor(frames)
+        while self.core.control_replies:  # the supervisor's answers to RESTART
+            answer = self.core.control_replies.pop(0)
+            peer, cid = self._pending_control.pop(answer.get("token"), (None, None))
+            if peer is None:
+                continue
+            if answer.get("ok"):
+                self._control_reply(peer, P.OK, {"id": cid, "result": {"message": answer.get("message", "")}})
+            else:
+                self._control_reply(peer, P.ERROR, P.error_body(cid, ErrorCode.BAD_REQUEST,
+                                                                 str(answer.get("message", ""))))
 
     def _from_control(self, frames: list[bytes]) -> None:
         peer, rest = frames[0], frames[1:]
         try:
             command, body = P.decode(P.CONTROL, rest, P.CONTROL_COMMANDS)
+            if command == P.RESTART:
+                P.check_fields(body, {"id": ((int, str), False), "worker": (str, True)}, "RESTART")
+                self._control_token += 1
+                self._pending_control[self._control_token] = (peer, body.get("id"))
+                self.core.restart_worker(body["worker"], self._control_token)
+                return  # answered when the supervisor has acted
             result = self.core.status() if command == P.STATUS else self.core.metrics()
-            reply = P.encode(P.CONTROL, P.OK, {"id": body.get("id"), "result": result})
+            self._control_reply(peer, P.OK, {"id": body.get("id"), "result": result})
         except P.ProtocolError as exc:
-            reply = P.encode(P.CONTROL, P.ERROR, P.error_body(exc.request_id, ErrorCode.BAD_REQUEST, exc.reason))
+            self._control_reply(peer, P.ERROR, P.error_body(exc.request_id, ErrorCode.BAD_REQUEST, exc.reason))
+
+    def _control_reply(self, peer: bytes, command: bytes, body: dict[str, Any]) -> None:
         try:
-            self.control.send_multipart([peer, *reply], zmq.NOBLOCK)
+            zmqio.send(self.control, [peer, *P.encode(P.CONTROL, command, body)], zmqio.DONTWAIT)
         except zmq.Again:
             pass  # inferctl gave up waiting; it will say so itself
 

@@ -11,21 +11,9 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-
-@dataclass(frozen=True)
-class Param:
-    kind: type
-    expect: str
-    check: Callable[[Any], bool] = lambda v: True
-
-    def problem(self, value: Any) -> str | None:
-        ok = isinstance(value, self.kind) and not isinstance(value, bool) or (
-            self.kind is float and isinstance(value, int) and not isinstance(value, bool))
-        if ok and self.check(value):
-            return None
-        return f"expected {self.expect}, got {value!r}"
+from inferd.schema import Param
 
 
 @dataclass(frozen=True)
@@ -34,6 +22,8 @@ class RuntimeSpec:
     runner: str                      # "module:Class", imported by workers only
     params: dict[str, Param] = field(default_factory=dict)
     options: dict[str, Param] = field(default_factory=dict)
+    # Params and options accepted only when the named boolean option is true.
+    gated: dict[str, str] = field(default_factory=dict)
     # How chunk texts join into the full output: " " for word streams, "" for token deltas.
     chunk_joiner: str = ""
 
@@ -41,6 +31,9 @@ class RuntimeSpec:
         module, _, attr = self.runner.partition(":")
         return getattr(importlib.import_module(module), attr)
 
+
+# Faults the echo runtime injects when asked (see inferd/runtimes/echo.py).
+ECHO_FAULTS = ("poison", "oom", "crash", "hang", "error")
 
 _MAX_TOKENS = Param(int, "an integer between 1 and 1000000", lambda v: 1 <= v <= 1_000_000)
 
@@ -50,8 +43,16 @@ SPECS: dict[str, RuntimeSpec] = {
         runner="inferd.runtimes.echo:EchoRunner",
         params={
             "max_tokens": _MAX_TOKENS,
-            "delay_ms": Param(int, "an integer between 0 and 60000", lambda v: 0 <= v <= 60_000),
+            # Below the default watchdog_s (60 s): a pause is not a hang.
+            "delay_ms": Param(int, "an integer between 0 and 10000", lambda v: 0 <= v <= 10_000),
+            "fault": Param(str, f"one of {', '.join(ECHO_FAULTS)}", lambda v: v in ECHO_FAULTS),
         },
+        options={
+            # Test-only faults; off unless a config turns them on.
+            "fault_injection": Param(bool, "true or false"),
+            "load_fault": Param(str, "\"unrecoverable\"", lambda v: v == "unrecoverable"),
+        },
+        gated={"fault": "fault_injection", "load_fault": "fault_injection"},
         chunk_joiner=" ",
     ),
 }
@@ -71,11 +72,24 @@ def _check(table: dict[str, Any], schema: dict[str, Param]) -> str | None:
     return None
 
 
-def validate_params(runtime: str, params: dict[str, Any]) -> str | None:
-    """The first problem with a request's params, naming the param, or None."""
-    return _check(params, SPECS[runtime].params)
+def _gate(spec: RuntimeSpec, table: dict[str, Any], options: dict[str, Any]) -> str | None:
+    for name, option in spec.gated.items():
+        if name in table and options.get(option) is not True:
+            return f"{name}: not enabled for this deployment (options.{option} is not true)"
+    return None
+
+
+def validate_params(runtime: str, params: dict[str, Any], options: dict[str, Any]) -> str | None:
+    """The first problem with a request's params, naming the param, or None.
+
+    A gated param is refused unless the deployment's options turn it on, so a
+    client can never reach what the config has not enabled.
+    """
+    spec = SPECS[runtime]
+    return _gate(spec, params, options) or _check(params, spec.params)
 
 
 def validate_options(runtime: str, options: dict[str, Any]) -> str | None:
     """The first problem with a deployment's runtime options, naming the key, or None."""
-    return _check(options, SPECS[runtime].options)
+    spec = SPECS[runtime]
+    return _check(options, spec.options) or _gate(spec, options, options)

@@ -65,7 +65,12 @@ class ModelRunner(abc.ABC):
 
     @abc.abstractmethod
     def step(self) -> list[Output]:
-        """Advance every due request by one iteration."""
+        """Advance every due request by one iteration.
+
+        A failure is an exception; the worker classifies it
+        (``inferd.failures.classify``): out of memory fails the step's requests
+        and the worker carries on, anything else ends the worker process.
+        """
 
     @abc.abstractmethod
     def next_step_in(self) -> float | None:
@@ -75,6 +80,9 @@ class ModelRunner(abc.ABC):
         """Rebuild the model session (drop caches, reload). The default reloads."""
         self.close()
         self.load()
+
+    def release_memory(self) -> None:
+        """Free cached device memory after an out-of-memory step (Resume). The default does nothing."""
 
     def load_report(self) -> dict[str, Any]:
         """Runtime-specific load figures for the worker's heartbeat."""

@@ -5,6 +5,11 @@ model loads or a step runs (a long step must never look like a dead worker).
 So the runner lives here, fed through a command queue, and its outputs go
 back through a deque plus a wake-up message on an inproc socket. One wake-up
 per step, not per output, keeps the hand-off cheap.
+
+A runner's exception is classified (``inferd.failures``) and the decider
+says what to do: Resume (out of memory) fails the step's requests, frees the
+cache and carries on; anything else fails the active requests and stops the
+engine with ``failure`` set, and the main thread exits with its status.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import time
 from typing import Any, Callable
 
 from inferd.errors import ErrorCode
+from inferd.failures import Failure, classify
+from inferd.restart import Directive, decide
 from inferd.runtimes.base import ModelRunner, Output, RunRequest
 
 log = logging.getLogger("inferd.worker")
@@ -31,7 +38,9 @@ class Engine(threading.Thread):
         self.commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.outputs: collections.deque[list[Output]] = collections.deque()
         self.state = "loading"
-        self.load_error: str | None = None
+        self.failure: Failure | None = None   # set when the engine stops for good
+        self.failure_message = ""
+        self.resumes = 0                      # out-of-memory steps survived
         self.last_progress = time.monotonic()
         self._wake = wake
         self._active: set[int] = set()
@@ -53,9 +62,9 @@ class Engine(threading.Thread):
             self.runner.load()
         except Exception as exc:
             log.exception("loading the model failed")
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            self.state = "failed"
-            self._wake()
+            # A poisoned context may load fine in a new process; anything else will fail again.
+            kind = classify(exc)
+            self._stop_with(kind if kind is Failure.CONTEXT_POISONED else Failure.UNRECOVERABLE, exc)
             return
         log.info("runner loaded in %.2f s on %s", time.monotonic() - started, self.runner.device.id)
         self.state = "ready"
@@ -81,7 +90,7 @@ class Engine(threading.Thread):
                 return False
         wait = self.runner.next_step_in()
         if wait is not None and wait <= 0:
-            self._step()
+            return self._step()
         return True
 
     def _apply(self, command: tuple[str, Any]) -> bool:
@@ -98,27 +107,59 @@ class Engine(threading.Thread):
             return False
         return True
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One step; False when the failure it met ends the worker."""
         try:
             outputs = self.runner.step()
         except Exception as exc:
-            log.exception("runner step failed")
-            outputs = self._fail_active(f"{type(exc).__name__}: {exc}")
+            return self._on_step_failure(exc)
         self.last_progress = time.monotonic()
         for out in outputs:
             if out.final:
                 self._active.discard(out.rid)
         if outputs:
             self._emit(outputs)
+        return True
 
-    def _fail_active(self, message: str) -> list[Output]:
-        failed = []
-        for rid in self._active:
+    def _on_step_failure(self, exc: Exception) -> bool:
+        kind = classify(exc)
+        message = f"{type(exc).__name__}: {exc}"
+        if decide(kind) is Directive.RESUME:
+            log.warning("out of memory in a step: failing its %d request(s) and carrying on: %s",
+                        len(self._active), message)
+            self._emit(self._fail_active(ErrorCode.OUT_OF_MEMORY, message, forget=True))
+            self.resumes += 1
             try:
-                self.runner.cancel(rid)
+                self.runner.release_memory()
             except Exception:
-                log.exception("cancel after a failed step failed too")
-            failed.append(Output(rid, error=ErrorCode.INTERNAL, message=f"runtime error: {message}"))
+                log.exception("releasing memory after an out-of-memory step failed")
+            return True
+        if kind is Failure.CONTEXT_POISONED:
+            log.error("the device context is poisoned: %s", message)
+        else:
+            log.exception("the runner failed (%s)", kind.value)
+        self._emit(self._fail_active(
+            ErrorCode.CONTEXT_POISONED if kind is Failure.CONTEXT_POISONED else ErrorCode.INTERNAL, message,
+            forget=False))
+        self._stop_with(kind, exc)
+        return False
+
+    def _stop_with(self, kind: Failure, exc: BaseException) -> None:
+        """Tell the main thread to report ``kind`` and exit with its status. Nothing
+        here touches the device again: a poisoned context can hang a synchronize."""
+        self.failure = kind
+        self.failure_message = f"{type(exc).__name__}: {exc}"
+        self.state = "poisoned" if kind is Failure.CONTEXT_POISONED else "failed"
+        self._wake()
+
+    def _fail_active(self, code: ErrorCode, message: str, *, forget: bool) -> list[Output]:
+        """Fail every active request; ``forget`` also drops them from the runner (only
+        when it carries on: cancelling frees device memory, unsafe on a poisoned context)."""
+        failed = [Output(rid, error=code, message=message) for rid in self._active]
+        if forget:
+            for rid in self._active:
+                self.runner.cancel(rid)
+        self._active.clear()
         return failed
 
     def _emit(self, outputs: list[Output]) -> None:

@@ -26,6 +26,7 @@ from inferd import exitcodes, protocol as P, runtimes, zmqio
 from inferd.config import Config
 from inferd.devices import Device
 from inferd.errors import ErrorCode
+from inferd.failures import EXIT_STATUS
 from inferd.paths import Endpoints
 from inferd.proc import child_signals, child_spec, die_with_parent, setup_logging
 from inferd.runtimes.base import Output, RunRequest
@@ -99,7 +100,7 @@ class Worker:
     def _load(self) -> dict[str, Any]:
         ready = self.engine.state == "ready"
         return {"state": self.engine.state, "credits": self.deployment.max_concurrency if ready else 0,
-                "in_flight": len(self.in_flight)}
+                "in_flight": len(self.in_flight), "resumes": self.engine.resumes}
 
     # --- loop ------------------------------------------------------------------------------
 
@@ -125,10 +126,8 @@ class Worker:
                     self._drain_wakeups()
                 else:
                     os.read(self._sig_r, 512)
-            if self.engine.state == "failed":
-                self.send(P.HEARTBEAT, self._load())
-                log.error("worker %s cannot serve: %s", self.id, self.engine.load_error)
-                return exitcodes.WORKER_LOAD_FAILED
+            if self.engine.failure is not None:
+                return self._exit_failed()
             now = time.monotonic()
             if now - self.broker_seen > self.hb_expiry:
                 self.reconnect(f"no word from the broker for {now - self.broker_seen:.1f} s")
@@ -137,6 +136,21 @@ class Worker:
                 self.send(P.HEARTBEAT, self._load())
         self.engine.stop()
         return 0
+
+    def _exit_failed(self) -> int:
+        """Report the engine's failure in band, flush, and return its exit status.
+
+        The outputs (the failed requests' errors) and a last HEARTBEAT with the
+        failure go out first. Nothing here touches the device.
+        """
+        self._drain_wakeups()
+        failure = self.engine.failure
+        log.error("worker %s stops: %s (%s)", self.id, failure.value, self.engine.failure_message)
+        self.send(P.HEARTBEAT, {**self._load(), "failure": failure.value, "reason": self.engine.failure_message})
+        # The engine thread has returned, so closing its wake socket here is safe; terminating
+        # the context waits (up to the linger) until the messages above are delivered.
+        self.ctx.destroy(linger=1000)
+        return EXIT_STATUS[failure]
 
     def _from_broker(self) -> None:
         while True:
@@ -204,7 +218,7 @@ def main() -> None:
     if visible != device.cuda_visible_devices:
         log.error("CUDA_VISIBLE_DEVICES is %r, expected %r; refusing to run on the wrong device",
                   visible, device.cuda_visible_devices)
-        sys.exit(exitcodes.WORKER_LOAD_FAILED)
+        sys.exit(exitcodes.WORKER_UNRECOVERABLE)
     log.info("worker %s starting: deployment=%s device=%s (%s)", spec["worker"], spec["deployment"], device.id,
              "CPU device, no GPU visible" if device.kind == "cpu" else f"GPU {device.uuid}")
     worker = Worker(spec["worker"], config, spec["deployment"], device,

@@ -89,8 +89,8 @@ class Harness:
     def werror(self, wid: str, rid: int, code: str, message: str = "boom") -> None:
         self.worker(wid, P.ERROR, rid=rid, code=code, message=message)
 
-    def exited(self, wid: str, pid: int | None = None) -> None:
-        self.core.on_worker_exited(wid, self.pids[wid] if pid is None else pid)
+    def exited(self, wid: str, pid: int | None = None, status: int = -9) -> None:
+        self.core.on_worker_exited(wid, self.pids[wid] if pid is None else pid, status)
 
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
@@ -873,7 +873,11 @@ def test_heartbeat_expiry_loses_worker_and_disconnects():
     h.heartbeat("echo-1", credits=1)
     h.core.tick()
     msgs = h.take(heartbeats=True)
-    assert ("worker", "echo-0", P.DISCONNECT, {"reason": "heartbeat expired"}) in msgs
+    why = next(m[3]["reason"] for m in msgs if m[2] == P.DISCONNECT)
+    assert why.startswith("no message for ")
+    assert ("worker", "echo-0", P.DISCONNECT, {"reason": why}) in msgs
+    # The process may be alive but stuck: the supervisor is asked to kill it.
+    assert ("supervisor", None, P.UNRESPONSIVE, {"worker": "echo-0", "pid": h.pids["echo-0"], "reason": why}) in msgs
     assert ("worker", "echo-1", P.HEARTBEAT, {}) in msgs
     assert h.requests_sent(msgs) == [("echo-1", rid, "hello world")]
     assert h.to_clients(msgs) == []
@@ -892,7 +896,8 @@ def test_heartbeat_expiry_with_streamed_output_is_worker_lost():
     h.advance(0.1)
     msgs = h.take()
     assert [(b["id"], b["code"]) for _, _, b in h.to_clients(msgs)] == [("A", "WORKER_LOST")]
-    assert ("worker", "echo-0", P.DISCONNECT, {"reason": "heartbeat expired"}) in msgs
+    assert ("worker", "echo-0", P.DISCONNECT, {"reason": "no message for 0.2 s"}) in msgs
+    assert [m[2] for m in msgs if m[0] == "supervisor"] == [P.UNRESPONSIVE]
 
 
 def test_any_worker_message_counts_as_heartbeat():
@@ -1145,6 +1150,9 @@ class World:
                     assert self.drained == 1, "DRAINED sent twice"
                     pending = [k for k, s in self.reqs.items() if s.accepted and s.final is None and not s.abandoned]
                     assert pending == [], f"DRAINED with requests still pending: {pending}"
+                elif command == P.UNRESPONSIVE:
+                    assert body["worker"] not in self.core.workers, "UNRESPONSIVE for a worker still registered"
+                    self.count("unresponsive")
                 else:
                     assert command == P.READINESS
         # The broker may send a REQUEST before the ACCEPTED, but within the same handler.
@@ -1350,9 +1358,9 @@ class World:
             if alive:
                 w = rng.choice(alive)
                 before = len(self.rec.log)
-                self.core.on_worker_exited(w.wid, w.pid + 1000)  # a stale pid: ignored
+                self.core.on_worker_exited(w.wid, w.pid + 1000, -9)  # a stale pid: ignored
                 assert len(self.rec.log) == before
-                self.core.on_worker_exited(w.wid, w.pid)
+                self.core.on_worker_exited(w.wid, w.pid, -9)
                 w.alive = False
                 w.registered = False
                 w.held.clear()

@@ -68,7 +68,8 @@ def test_defaults():
     assert cfg.daemon.log_level == "info"
     assert cfg.daemon.drain_grace_s == 30.0
     assert cfg.daemon.stop_timeout_s == 10.0
-    assert cfg.daemon.restart_delay_ms == 500
+    assert cfg.daemon.restart_backoff_min_ms == 100 and cfg.daemon.restart_backoff_max_ms == 30_000
+    assert cfg.daemon.escalation_max == 10 and cfg.daemon.escalation_window_s == 60.0
     assert cfg.broker.heartbeat_interval_ms == 500
     assert cfg.broker.heartbeat_liveness == 4
     assert cfg.broker.max_message_bytes == 1 << 20
@@ -90,7 +91,7 @@ def test_int_accepted_for_float_and_converted():
 def test_explicit_values_are_kept():
     raw = {
         "daemon": {"runtime_dir": "/run/x", "log_level": "debug", "drain_grace_s": 0.0,
-                   "stop_timeout_s": 2.5, "restart_delay_ms": 0},
+                   "stop_timeout_s": 2.5, "restart_backoff_min_ms": 0},
         "broker": {"heartbeat_interval_ms": 50, "heartbeat_liveness": 2, "max_message_bytes": 1024,
                    "frontend": "tcp://127.0.0.1:5555"},
         "devices": {"cpu_devices": 4},
@@ -170,9 +171,9 @@ def test_wrong_type_in_deployment(key, value, expect):
 
 
 @pytest.mark.parametrize("section,key,value,expect", [
-    ("daemon", "restart_delay_ms", "500", "an integer >= 0"),
-    ("daemon", "restart_delay_ms", True, "an integer >= 0"),
-    ("daemon", "restart_delay_ms", 1.5, "an integer >= 0"),
+    ("daemon", "restart_backoff_min_ms", "500", "an integer between 0 and 600000"),
+    ("daemon", "restart_backoff_min_ms", True, "an integer between 0 and 600000"),
+    ("daemon", "restart_backoff_min_ms", 1.5, "an integer between 0 and 600000"),
     ("daemon", "drain_grace_s", "30", "a number of seconds >= 0"),
     ("daemon", "drain_grace_s", True, "a number of seconds >= 0"),
     ("daemon", "log_level", 3, "one of debug, info, warning, error"),
@@ -214,7 +215,9 @@ def test_impossible_deployment_values(key, value, expect):
     ("daemon", "drain_grace_s", float("inf")),
     ("daemon", "stop_timeout_s", 0.0),
     ("daemon", "stop_timeout_s", float("nan")),
-    ("daemon", "restart_delay_ms", -1),
+    ("daemon", "restart_backoff_min_ms", -1),
+    ("daemon", "restart_backoff_jitter", 1.5),
+    ("daemon", "escalation_max", 0),
     ("daemon", "runtime_dir", ""),
     ("broker", "heartbeat_interval_ms", 49),
     ("broker", "heartbeat_interval_ms", 60001),
@@ -280,7 +283,7 @@ def test_deployment_array_of_non_tables():
 
 def test_unknown_runtime_option():
     msg = error_of(minimal(options={"temperature": 0.5}))
-    assert_mentions(msg, PATH, "deployment[0] (echo).options.temperature", "unknown", "known: none")
+    assert_mentions(msg, PATH, "deployment[0] (echo).options.temperature", "unknown", "known: fault_injection, load_fault")
 
 
 def test_invalid_toml(tmp_path):
