@@ -42,7 +42,7 @@ def _daemon_alive(runtime_dir: Path) -> bool | None:
         os.close(fd)
 
 
-def control_call(runtime_dir: Path, command: bytes, timeout_s: float) -> dict[str, Any]:
+def control_call(runtime_dir: Path, command: bytes, timeout_s: float, **fields: Any) -> dict[str, Any]:
     socket_path = runtime_dir / "control.sock"
     if not socket_path.exists() or _daemon_alive(runtime_dir) is False:
         raise errors.DaemonNotRunning(f"inferd is not running (no live daemon in {runtime_dir})")
@@ -51,7 +51,7 @@ def control_call(runtime_dir: Path, command: bytes, timeout_s: float) -> dict[st
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(f"ipc://{socket_path}")
-        sock.send_multipart(P.encode(P.CONTROL, command, {"id": 1}))
+        sock.send_multipart(P.encode(P.CONTROL, command, {"id": 1, **fields}))
         if not sock.poll(timeout_s * 1000, zmq.POLLIN):
             raise errors.DaemonNotRunning(f"inferd is not responding at {socket_path} (no answer in {timeout_s:g} s)")
         reply, body = P.decode(P.CONTROL, sock.recv_multipart(), frozenset({P.OK, P.ERROR}))
@@ -73,8 +73,8 @@ class Ctx:
         self.runtime_dir = runtime_dir
         self.timeout_s = timeout_s
 
-    def call(self, command: bytes) -> dict[str, Any]:
-        return control_call(self.runtime_dir, command, self.timeout_s)
+    def call(self, command: bytes, **fields: Any) -> dict[str, Any]:
+        return control_call(self.runtime_dir, command, self.timeout_s, **fields)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,9 +112,23 @@ def status(obj: Ctx, as_json: bool) -> None:
                        for n, v in st["deployments"].items()]))
     click.echo("")
     click.echo(_table(["WORKER", "DEPLOYMENT", "DEVICE", "PID", "STATE", "RESTARTS", "CREDITS", "IN_FLIGHT",
-                       "LAST_EXIT"],
-                      [[w["id"], w["deployment"], w["device"], w["pid"] or None, w["state"], w["restarts"],
-                        w["credits"], w["in_flight"], w["last_exit"]] for w in st["workers"]]))
+                       "OOM_RESUMES", "LAST_EXIT"],
+                      [[w["id"], w["deployment"], w["device"], w["pid"] or None, _state(w), w["restarts"],
+                        w["credits"], w["in_flight"], w["resumes"], w["last_exit"]] for w in st["workers"]]))
+
+
+def _state(worker: dict[str, Any]) -> str:
+    if worker["state"] == "restarting" and worker.get("restart_in_s") is not None:
+        return f"restarting in {worker['restart_in_s']:.1f}s"
+    return worker["state"]
+
+
+@cli.command()
+@click.argument("worker")
+@click.pass_obj
+def restart(obj: Ctx, worker: str) -> None:
+    """Start WORKER again now, with a fresh restart window (a failed worker too)."""
+    click.echo(obj.call(P.RESTART, worker=worker)["message"])
 
 
 def _ms(dist: dict[str, Any], key: str) -> str:

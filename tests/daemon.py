@@ -29,12 +29,19 @@ default_deadline_ms = {default_deadline_ms}
 
 
 def echo_config(replicas: int = 2, queue_capacity: int = 1024, max_concurrency: int = 8,
-                default_deadline_ms: int = 60_000, daemon: str = "", broker: str = "", extra: str = "") -> str:
+                default_deadline_ms: int = 60_000, daemon: str = "", broker: str = "", deployment: str = "",
+                options: str = "", extra: str = "") -> str:
+    """A config with one echo deployment; the string arguments add TOML lines to their section
+    (``options`` to the deployment's [deployment.options], e.g. ``fault_injection = true``)."""
+    daemon = textwrap.dedent(daemon)
+    if "restart_backoff_min_ms" not in daemon:  # fast restarts, unless the test says otherwise
+        daemon += "restart_backoff_min_ms = 50\n"
     return "\n".join([
-        "[daemon]\nlog_level = \"info\"\nrestart_backoff_min_ms = 50\n" + textwrap.dedent(daemon),
+        "[daemon]\nlog_level = \"info\"\n" + daemon,
         "[broker]\nheartbeat_interval_ms = 200\nheartbeat_liveness = 4\n" + textwrap.dedent(broker),
         ECHO.format(replicas=replicas, queue_capacity=queue_capacity, max_concurrency=max_concurrency,
-                    default_deadline_ms=default_deadline_ms),
+                    default_deadline_ms=default_deadline_ms) + textwrap.dedent(deployment),
+        "[deployment.options]\n" + textwrap.dedent(options) if options else "",
         textwrap.dedent(extra),
     ])
 

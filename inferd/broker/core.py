@@ -134,6 +134,8 @@ class BrokerCore:
         self._readiness: dict[str, int] = {}
         # The supervisor's answers to operator commands, for the process loop to relay.
         self.control_replies: list[dict[str, Any]] = []
+        # Worker id -> pid of a process reported unresponsive, which may not register again.
+        self._condemned: dict[str, int] = {}
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -299,6 +301,9 @@ class BrokerCore:
             self._dispatch(worker.deployment)
 
     def _register(self, wid: str, body: dict[str, Any]) -> None:
+        if self._condemned.get(wid) == body.get("pid"):
+            return  # reported unresponsive; the supervisor is killing it
+        self._condemned.pop(wid, None)
         dep = self.deployments.get(body.get("deployment"))
         if dep is None:
             log.error("worker %s registered for unknown deployment %r", wid, body.get("deployment"))
@@ -482,9 +487,14 @@ class BrokerCore:
             self._maybe_drained()
 
     def _unresponsive(self, worker: WorkerRecord, why: str) -> None:
-        """A silent or hung worker: give up on it here, and have the supervisor kill the process."""
+        """A silent or hung worker: give up on it here, and have the supervisor kill the process.
+
+        Its main thread may still be alive (a hung model step does not stop the
+        heartbeats), so that process may not register again: it would be given
+        work it can never do before the supervisor's SIGKILL lands.
+        """
         self._lose_worker(worker, why)
-        self.transport.to_worker(worker.id, P.DISCONNECT, {"reason": why})
+        self._condemned[worker.id] = worker.pid
         self.transport.to_supervisor(P.UNRESPONSIVE, {"worker": worker.id, "pid": worker.pid, "reason": why})
 
     def next_timeout(self) -> float:
@@ -605,5 +615,5 @@ class BrokerCore:
                        "state": "draining" if self.draining else "serving"},
             "deployments": deployments,
             "workers": rows,
-            "ready": all(d["state"] != "unavailable" for d in deployments.values()) and not self.draining,
+            "ready": all(d["state"] in ("healthy", "degraded") for d in deployments.values()) and not self.draining,
         }
