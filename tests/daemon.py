@@ -33,12 +33,17 @@ def echo_config(replicas: int = 2, queue_capacity: int = 1024, max_concurrency: 
                 options: str = "", extra: str = "") -> str:
     """A config with one echo deployment; the string arguments add TOML lines to their section
     (``options`` to the deployment's [deployment.options], e.g. ``fault_injection = true``)."""
-    daemon = textwrap.dedent(daemon)
-    if "restart_backoff_min_ms" not in daemon:  # fast restarts, unless the test says otherwise
-        daemon += "restart_backoff_min_ms = 50\n"
+    daemon, broker = textwrap.dedent(daemon), textwrap.dedent(broker)
+    # Fast restarts and heartbeats, unless the test says otherwise.
+    for key, value, section in (("restart_backoff_min_ms", "50", "daemon"), ("heartbeat_interval_ms", "200", "broker"),
+                                ("heartbeat_liveness", "4", "broker")):
+        if section == "daemon" and key not in daemon:
+            daemon += f"{key} = {value}\n"
+        elif section == "broker" and key not in broker:
+            broker += f"{key} = {value}\n"
     return "\n".join([
         "[daemon]\nlog_level = \"info\"\n" + daemon,
-        "[broker]\nheartbeat_interval_ms = 200\nheartbeat_liveness = 4\n" + textwrap.dedent(broker),
+        "[broker]\n" + broker,
         ECHO.format(replicas=replicas, queue_capacity=queue_capacity, max_concurrency=max_concurrency,
                     default_deadline_ms=default_deadline_ms) + textwrap.dedent(deployment),
         "[deployment.options]\n" + textwrap.dedent(options) if options else "",
