@@ -38,12 +38,15 @@ class UnrecoverableError(RuntimeError):
 
 
 # Sticky CUDA errors: after one, every later call in the process fails too.
-# (cudaErrorIllegalAddress, cudaErrorAssert, cudaErrorLaunchFailure, cudaErrorMisalignedAddress,
-# cudaErrorIllegalInstruction, cudaErrorInvalidPc, cudaErrorHardwareStackError, ECC errors, ...)
+# (cudaErrorIllegalAddress, cudaErrorAssert, cudaErrorLaunchFailure, cudaErrorLaunchTimeout,
+# cudaErrorMisalignedAddress, cudaErrorIllegalInstruction, cudaErrorInvalidPc,
+# cudaErrorHardwareStackError, ECC errors, ...). Matched on the message's first line only:
+# torch ends every CUDA error with "... to enable device-side assertions.", sticky or not.
 STICKY_CUDA_MARKERS = (
     "illegal memory access",
-    "device-side assert",
+    "device-side assert triggered",
     "unspecified launch failure",
+    "launch timed out",
     "launch failure",
     "misaligned address",
     "illegal instruction",
@@ -57,6 +60,15 @@ STICKY_CUDA_MARKERS = (
 
 def _class_names(exc: BaseException) -> set[str]:
     return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message``, even for an exception whose ``__str__`` raises or returns a non-string."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<unprintable>"
+    return f"{type(exc).__name__}: {text}"
 
 
 def classify(exc: BaseException) -> Failure:
@@ -77,12 +89,13 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, UnrecoverableError):
         return Failure.UNRECOVERABLE
     names = _class_names(exc)
-    message = str(exc).lower()
-    if "OutOfMemoryError" in names or "out of memory" in message and "cuda" in message:
+    message = describe(exc).lower()
+    if "OutOfMemoryError" in names or ("out of memory" in message and "cuda" in message):
         return Failure.OUT_OF_MEMORY
     if "AcceleratorError" in names:
         return Failure.CONTEXT_POISONED
-    if isinstance(exc, RuntimeError) and "cuda error" in message and any(m in message for m in STICKY_CUDA_MARKERS):
+    first_line = message.split("\n", 1)[0]
+    if isinstance(exc, RuntimeError) and "cuda error" in first_line and any(m in first_line for m in STICKY_CUDA_MARKERS):
         return Failure.CONTEXT_POISONED
     return Failure.UNKNOWN
 

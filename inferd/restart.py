@@ -10,9 +10,11 @@ Modelled on Akka's OneForOneStrategy and Erlang's supervisor intensity:
   until an operator restarts it (``inferctl restart``);
 * between restarts an exponential **backoff** with jitter, from a minimum to a
   maximum, reset once the child has stayed up for ``reset_after_s``;
-* Escalate restarts the child too, but also counts against a daemon-wide
-  **intensity** (across all children): past it, the daemon stops its children
-  and exits non-zero, so that systemd's Restart=on-failure takes over.
+* Escalate restarts the child too, but each such restart also counts against
+  a daemon-wide **intensity** (across all children): past it, the daemon stops
+  its children and exits non-zero, so that systemd's Restart=on-failure takes
+  over. A child already over its own window is stopped, not restarted, so its
+  exit does not count.
 
 The clock and the random source are parameters, so every rule is unit-tested
 without sleeping.
@@ -137,14 +139,14 @@ class SupervisionPolicy:
             return Decision(FAIL, failure, directive, reason="unrecoverable: not restarted")
         if directive is Directive.RESUME:  # an exit is never a Resume; treat it as unknown
             directive = Directive.ESCALATE
+        window = self.windows[child]
+        if not window.allow(now):  # over its own window: stopped, and no restart to count
+            return Decision(FAIL, failure, directive,
+                            reason=f"restarted {window.max_restarts} times within {window.within_s:g} s")
         if directive is Directive.ESCALATE and self.intensity.exceeded(now):
             return Decision(SHUTDOWN, failure, directive,
                             reason=f"more than {self.intensity.max_restarts} escalations within "
                                    f"{self.intensity.within_s:g} s across all children")
-        window = self.windows[child]
-        if not window.allow(now):
-            return Decision(FAIL, failure, directive,
-                            reason=f"restarted {window.max_restarts} times within {window.within_s:g} s")
         return Decision(RESTART_AFTER, failure, directive, self.backoffs[child].next_delay(uptime_s))
 
     def clear(self, child: str) -> None:

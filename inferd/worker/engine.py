@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable
 
 from inferd.errors import ErrorCode
-from inferd.failures import Failure, classify
+from inferd.failures import Failure, classify, describe
 from inferd.restart import Directive, decide
 from inferd.runtimes.base import ModelRunner, Output, RunRequest
 
@@ -123,7 +123,7 @@ class Engine(threading.Thread):
 
     def _on_step_failure(self, exc: Exception) -> bool:
         kind = classify(exc)
-        message = f"{type(exc).__name__}: {exc}"
+        message = describe(exc)
         if decide(kind) is Directive.RESUME:
             log.warning("out of memory in a step: failing its %d request(s) and carrying on: %s",
                         len(self._active), message)
@@ -148,7 +148,7 @@ class Engine(threading.Thread):
         """Tell the main thread to report ``kind`` and exit with its status. Nothing
         here touches the device again: a poisoned context can hang a synchronize."""
         self.failure = kind
-        self.failure_message = f"{type(exc).__name__}: {exc}"
+        self.failure_message = describe(exc)
         self.state = "poisoned" if kind is Failure.CONTEXT_POISONED else "failed"
         self._wake()
 
