@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,11 +77,42 @@ class BrokerConfig:
                                 check=lambda v: v.startswith(("ipc://", "tcp://")))
 
 
+DEVICE_POLICIES = ("least-loaded", "round-robin")
+ROUTING_POLICIES = ("least-loaded", "round-robin", "sticky")
+
+
+def parse_compute_capability(text: str) -> tuple[int, int] | None:
+    """ "8.0" -> (8, 0); "" -> None (no constraint)."""
+    if not text:
+        return None
+    major, _, minor = text.partition(".")
+    return int(major), int(minor or 0)
+
+
+def _is_compute_capability(text: str) -> bool:
+    major, dot, minor = text.partition(".")
+    return text == "" or (major.isdigit() and (not dot or minor.isdigit()))
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    # This node's name in placement plans (multi-node placement will compare them).
+    name: str = _opt(os.uname().nodename, kind=str, expect="a node name", check=lambda v: 0 < len(v) <= 255)
+    # Whether this node may reach remote providers over the network.
+    egress: bool = _opt(True, kind=bool, expect="true or false")
+
+
 @dataclass(frozen=True)
 class DevicesConfig:
     # How many CPU devices to offer when NVML finds no GPU.
     cpu_devices: int = _opt(1, kind=int, expect="an integer between 1 and 1024",
                             check=lambda v: 1 <= v <= 1024)
+    # The default device placement policy; a deployment may choose its own.
+    placement: str = _opt("least-loaded", kind=str, expect=f"one of {', '.join(DEVICE_POLICIES)}",
+                          check=lambda v: v in DEVICE_POLICIES)
+    # How often free memory (NVML) and per-worker load (the broker) are sampled.
+    poll_interval_ms: int = _opt(250, kind=int, expect="an integer between 10 and 60000",
+                                 check=lambda v: 10 <= v <= 60_000)
 
 
 @dataclass(frozen=True)
@@ -102,7 +134,23 @@ class DeploymentConfig:
                              check=lambda v: 0 <= v <= 100_000)
     restart_window_s: float = _opt(60.0, kind=float, expect="a number of seconds > 0", check=_positive)
     watchdog_s: float = _opt(60.0, kind=float, expect="a number of seconds > 0", check=_positive)
+    # Device placement: the policy (default: [devices].placement) and what a device must offer.
+    placement: str | None = _opt(None, kind=str, expect=f"one of {', '.join(DEVICE_POLICIES)}",
+                                 check=lambda v: v in DEVICE_POLICIES)
+    gpus_per_replica: int = _opt(1, kind=int, expect="an integer between 1 and 64", check=lambda v: 1 <= v <= 64)
+    min_free_bytes: int = _opt(0, kind=int, expect="an integer >= 0", check=lambda v: v >= 0)
+    min_compute_cap: str = _opt("", kind=str, expect='a compute capability such as "8.0"',
+                                check=_is_compute_capability)
+    # Request routing among the deployment's ready workers.
+    routing: str = _opt("least-loaded", kind=str, expect=f"one of {', '.join(ROUTING_POLICIES)}",
+                        check=lambda v: v in ROUTING_POLICIES)
+    sticky_epsilon: float = _opt(0.25, kind=float, expect="a number between 0.01 and 10",
+                                 check=lambda v: 0.01 <= v <= 10)
     options: dict = _opt(factory=dict, kind=dict, expect="a table of runtime options")
+
+    @property
+    def min_compute_capability(self) -> tuple[int, int] | None:
+        return parse_compute_capability(self.min_compute_cap)
 
 
 @dataclass(frozen=True)
@@ -110,6 +158,7 @@ class Config:
     path: str
     daemon: DaemonConfig
     broker: BrokerConfig
+    node: NodeConfig
     devices: DevicesConfig
     deployments: tuple[DeploymentConfig, ...]
 
@@ -129,12 +178,13 @@ class Config:
             path=data["path"],
             daemon=DaemonConfig(**data["daemon"]),
             broker=BrokerConfig(**data["broker"]),
+            node=NodeConfig(**data["node"]),
             devices=DevicesConfig(**data["devices"]),
             deployments=tuple(DeploymentConfig(**d) for d in data["deployments"]),
         )
 
 
-_SECTIONS = {"daemon": DaemonConfig, "broker": BrokerConfig, "devices": DevicesConfig}
+_SECTIONS = {"daemon": DaemonConfig, "broker": BrokerConfig, "node": NodeConfig, "devices": DevicesConfig}
 
 
 def load(path: str | Path) -> Config:

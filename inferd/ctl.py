@@ -25,6 +25,10 @@ EXIT_ERROR = 1
 EXIT_NOT_RUNNING = 3
 
 
+class CtlError(Exception):
+    """A failure inferctl reports in one line and exits 1 on."""
+
+
 def _daemon_alive(runtime_dir: Path) -> bool | None:
     """True/False from the daemon lock; None when it cannot be checked."""
     try:
@@ -111,7 +115,7 @@ def status(obj: Ctx, as_json: bool) -> None:
                       [[n, v["runtime"], v["state"], f"{v['ready']}/{v['replicas']}", v["queued"], v["in_flight"]]
                        for n, v in st["deployments"].items()]))
     click.echo("")
-    click.echo(_table(["WORKER", "DEPLOYMENT", "DEVICE", "PID", "STATE", "RESTARTS", "CREDITS", "IN_FLIGHT",
+    click.echo(_table(["WORKER", "DEPLOYMENT", "DEVICES", "PID", "STATE", "RESTARTS", "CREDITS", "IN_FLIGHT",
                        "OOM_RESUMES", "LAST_EXIT"],
                       [[w["id"], w["deployment"], w["device"], w["pid"] or None, _state(w), w["restarts"],
                         w["credits"], w["in_flight"], w["resumes"], w["last_exit"]] for w in st["workers"]]))
@@ -121,6 +125,64 @@ def _state(worker: dict[str, Any]) -> str:
     if worker["state"] == "restarting" and worker.get("restart_in_s") is not None:
         return f"restarting in {worker['restart_in_s']:.1f}s"
     return worker["state"]
+
+
+def _gib(n: int | None) -> str | None:
+    return None if n is None else f"{n / 2**30:.1f}"
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def devices(obj: Ctx, as_json: bool) -> None:
+    """The node's devices: GPUs and MIG instances from NVML, or CPU devices when there is no GPU."""
+    st = obj.call(P.STATUS)
+    rows = st["devices"]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    click.echo(st["daemon"].get("devices", ""))
+    click.echo(_table(
+        ["DEVICE", "KIND", "NAME", "UUID", "MEM_TOTAL_GIB", "MEM_FREE_GIB", "CC", "UTIL_%", "LOAD", "WORKERS"],
+        [[d["id"], "CPU (no GPU)" if d["kind"] == "cpu" else "GPU", d["name"], d["uuid"], _gib(d["memory_total"]),
+          _gib(d["memory_free"]), ".".join(map(str, d["compute_capability"])) if d["compute_capability"] else None,
+          d["utilization"], d["load"], ",".join(d["workers"]) or None] for d in rows]))
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Dry run: place this config's replicas on this node's devices, without starting anything.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def placement(obj: Ctx, config_path: str | None, as_json: bool) -> None:
+    """Which replica runs on which device, and why."""
+    if config_path:
+        rows, note = _dry_run(config_path)
+    else:
+        st = obj.call(P.STATUS)
+        rows, note = st["workers"], st["daemon"].get("devices", "")
+    rows = [{key: row[key] for key in ("id", "deployment", "node", "device", "placed_by")} for row in rows]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    click.echo(note)
+    click.echo(_table(["WORKER", "DEPLOYMENT", "NODE", "DEVICES", "WHY"],
+                      [[r["id"], r["deployment"], r["node"], r["device"], r["placed_by"]] for r in rows]))
+
+
+def _dry_run(config_path: str) -> tuple[list[dict[str, Any]], str]:
+    from inferd.config import ConfigError, load
+    from inferd.daemon import plan_node
+    from inferd.placement import PlacementError
+
+    try:
+        source, _, plans = plan_node(load(config_path))
+    except (ConfigError, PlacementError) as exc:
+        kind = "bad config" if isinstance(exc, ConfigError) else type(exc).__name__
+        raise CtlError(f"{kind}: {exc}") from None
+    rows = [{"id": p.id, "deployment": p.deployment, "node": p.node, "device": p.device_ids, "placed_by": p.why}
+            for p in plans]
+    return rows, source.note
 
 
 @cli.command()
@@ -210,6 +272,9 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except CtlError as exc:
+        click.echo(f"inferctl: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
     except errors.DaemonNotRunning as exc:
         click.echo(f"inferctl: {exc.message}", err=True)
         sys.exit(EXIT_NOT_RUNNING)

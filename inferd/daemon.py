@@ -12,9 +12,9 @@ import click
 
 from inferd import __version__, exitcodes
 from inferd.config import Config, ConfigError, load
-from inferd.devices import discover
+from inferd.devices import DeviceSource, discover
 from inferd.paths import Endpoints, RuntimeDirBusy, RuntimeDirError, default_runtime_dir, lock, prepare
-from inferd.placement import WorkerPlan, plan
+from inferd.placement import Node, PlacementError, Planner, WorkerPlan, on_node
 from inferd.proc import setup_logging
 from inferd.restart import Limits, SupervisionPolicy
 from inferd.supervisor import Supervisor
@@ -22,6 +22,14 @@ from inferd.supervisor import Supervisor
 DEFAULT_CONFIG = "/etc/inferd/inferd.toml"
 # The broker's own retry window: past it the daemon cannot serve, and exits for systemd to act.
 BROKER_LIMITS = Limits(max_restarts=3, within_s=60.0)
+
+
+def plan_node(config: Config) -> tuple[DeviceSource, Planner, list[WorkerPlan]]:
+    """Discover this node's devices and place every replica; raises PlacementError."""
+    source = discover(config.devices.cpu_devices)
+    node = config.node.name
+    planner = Planner(config, [Node(node, tuple(source.devices), config.node.egress)])
+    return source, planner, planner.plan(on_node(node, source.stats()))
 
 
 def policy(config: Config, plans: list[WorkerPlan]) -> SupervisionPolicy:
@@ -53,12 +61,15 @@ def main(config_path: str, runtime_dir: str | None, log_level: str | None, check
         sys.exit(exitcodes.CONFIG)
     setup_logging("supervisor", log_level or config.daemon.log_level)
     log = logging.getLogger("inferd")
-    devices, note = discover(config.devices.cpu_devices)
-    plans = plan(config, devices)
+    try:
+        source, planner, plans = plan_node(config)
+    except PlacementError as exc:
+        click.echo(f"inferd: cannot place {config_path}: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(exitcodes.CONFIG)
     if check:
-        click.echo(f"{config_path}: OK ({note})")
+        click.echo(f"{config_path}: OK ({source.note})")
         for p in plans:
-            click.echo(f"  {p.id}: deployment {p.deployment} on {p.device.id} ({p.device.name})")
+            click.echo(f"  {p.id}: deployment {p.deployment} on {p.node} {p.device_ids} ({p.why})")
         return
     run_dir = Path(runtime_dir or config.daemon.runtime_dir or default_runtime_dir()).absolute()
     endpoints = Endpoints.for_dir(run_dir, config.broker.frontend)
@@ -73,7 +84,7 @@ def main(config_path: str, runtime_dir: str | None, log_level: str | None, check
         sys.exit(exitcodes.FAILURE)
     if log_level:  # children read the level from the config they are handed
         config = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, log_level=log_level))
-    code = Supervisor(config, endpoints, devices, note, plans, policy(config, plans)).run()
+    code = Supervisor(config, endpoints, source, planner, plans, policy(config, plans)).run()
     os.close(lock_fd)
     sys.exit(code)
 

@@ -60,6 +60,7 @@ DRAIN = b"DRAIN"              # supervisor -> broker: stop accepting, finish in-
 DRAINED = b"DRAINED"          # broker -> supervisor: nothing left in flight
 READINESS = b"READINESS"      # broker -> supervisor: deployments with a ready worker
 UNRESPONSIVE = b"UNRESPONSIVE"  # broker -> supervisor: silent or hung worker; kill it
+LOAD = b"LOAD"                # broker -> supervisor: outstanding per worker, queued per deployment
 RESTART = b"RESTART"          # inferctl -> broker -> supervisor: restart a worker, clear its window
 RESTARTED = b"RESTARTED"      # supervisor -> broker: the answer to RESTART
 

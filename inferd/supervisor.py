@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,10 @@ import zmq
 
 from inferd import __version__, exitcodes, protocol as P
 from inferd.config import Config
-from inferd.devices import Device
+from inferd.devices import DeviceSource, DeviceStats, cuda_visible_devices
 from inferd.failures import Failure, describe_exit, from_exit_status
 from inferd.paths import Endpoints, private_umask
-from inferd.placement import WorkerPlan
+from inferd.placement import DeviceKey, PlacementError, Planner, WorkerPlan, on_node
 from inferd.proc import PARENT_ENV, SPEC_ENV
 from inferd.restart import FAIL, RESTART_AFTER, SHUTDOWN, SupervisionPolicy
 from inferd.sdnotify import Notifier
@@ -58,7 +59,7 @@ class Child:
     module: str
     spec: dict[str, Any]
     env: dict[str, str]
-    plan: WorkerPlan | None = None
+    plan: WorkerPlan | None = None      # workers only: where it runs, placed again at each restart
     proc: subprocess.Popen | None = None
     state: str = "stopped"
     restarts: int = 0
@@ -75,20 +76,24 @@ class Child:
     def row(self) -> dict[str, Any]:
         assert self.plan is not None
         return {"id": self.name, "deployment": self.plan.deployment, "replica": self.plan.replica,
-                "device": self.plan.device.id, "pid": self.pid or 0, "state": self.state,
-                "restarts": self.restarts, "last_exit": self.last_exit,
+                "node": self.plan.node, "device": self.plan.device_ids, "placed_by": self.plan.why,
+                "pid": self.pid or 0, "state": self.state, "restarts": self.restarts, "last_exit": self.last_exit,
                 "restart_in_s": round(max(0.0, self.restart_at - time.monotonic()), 2)
                 if self.restart_at is not None else None}
 
 
 class Supervisor:
-    def __init__(self, config: Config, endpoints: Endpoints, devices: list[Device], device_note: str,
+    def __init__(self, config: Config, endpoints: Endpoints, source: DeviceSource, planner: Planner,
                  plans: list[WorkerPlan], policy: SupervisionPolicy):
         self.config = config
         self.endpoints = endpoints
-        self.devices = devices
-        self.device_note = device_note
+        self.source = source
+        self.planner = planner
         self.policy = policy
+        self.stats: dict[DeviceKey, DeviceStats] = self._sample()
+        self.worker_load: dict[str, int] = {}     # worker id -> outstanding requests (from the broker)
+        self.queued: dict[str, int] = {}          # deployment -> queued requests (from the broker)
+        self.next_poll = 0.0
         self.notifier = Notifier()
         self.started = time.time()
         self.signals: list[int] = []
@@ -101,12 +106,8 @@ class Supervisor:
         base = {"config": config.to_dict(), "runtime_dir": str(endpoints.runtime_dir),
                 "frontend": config.broker.frontend}
         self.broker = Child(BROKER, "inferd.broker", base, {"CUDA_VISIBLE_DEVICES": ""})
-        self.workers = [
-            Child(p.id, "inferd.worker", {**base, "worker": p.id, "deployment": p.deployment,
-                                          "device": p.device.to_dict()},
-                  {"CUDA_VISIBLE_DEVICES": p.device.cuda_visible_devices}, plan=p)
-            for p in plans
-        ]
+        self.workers = [Child(p.id, "inferd.worker", {**base, "worker": p.id, "deployment": p.deployment}, {},
+                              plan=p) for p in plans]
         self.ctx = zmq.Context()
         self.link = self.ctx.socket(zmq.ROUTER)
         self.link.setsockopt(zmq.LINGER, 0)
@@ -131,9 +132,13 @@ class Supervisor:
         self._install_signals()
         log.info("inferd %s starting: runtime dir %s, config %s", __version__, self.endpoints.runtime_dir,
                  self.config.path)
-        log.info("devices: %s", self.device_note)
-        for dev in self.devices:
-            log.info("device %s: %s%s", dev.id, dev.name, " (CPU device: no GPU)" if dev.kind == "cpu" else "")
+        log.info("devices: %s", self.source.note)
+        for dev in self.source.devices:
+            log.info("device %s: %s%s", dev.id, dev.name, " (CPU device: no GPU)" if dev.kind == "cpu" else
+                     f" {dev.uuid}, {dev.memory_total / 2**30:.1f} GiB, compute capability "
+                     f"{dev.compute_capability[0]}.{dev.compute_capability[1]}")
+        for plan in self.planner_plans():
+            log.info("placed %s on %s (%s)", plan.id, plan.device_ids, plan.why)
         self._spawn(self.broker)
         for child in self.workers:
             self._spawn(child)
@@ -158,9 +163,12 @@ class Supervisor:
         self.ctx.term()
         return self.exit_status
 
+    def planner_plans(self) -> list[WorkerPlan]:
+        return [c.plan for c in self.workers]
+
     def _next_timer(self) -> float:
         times = [c.restart_at for c in self._children() if c.restart_at is not None]
-        return min([self.phase_deadline, *times])
+        return min([self.phase_deadline, self.next_poll, *times])
 
     def _children(self) -> list[Child]:
         return [self.broker, *self.workers]
@@ -211,6 +219,10 @@ class Supervisor:
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        if now >= self.next_poll:
+            self.next_poll = now + self.config.devices.poll_interval_ms / 1000
+            self.stats = self._sample()
+            self._publish()
         if now >= self.phase_deadline:
             if self.phase == "draining":
                 log.warning("the broker did not confirm the drain in time; stopping anyway")
@@ -225,13 +237,50 @@ class Supervisor:
             if child.restart_at is not None and now >= child.restart_at:
                 child.restart_at = None
                 child.restarts += 1
+                if child.plan is not None:
+                    self._place_again(child)
                 self._spawn(child)
+
+    # --- placement --------------------------------------------------------------------------
+
+    def _sample(self) -> dict[DeviceKey, DeviceStats]:
+        return on_node(self.config.node.name, self.source.stats())
+
+    def device_load(self, exclude: Child | None = None) -> dict[DeviceKey, float]:
+        """Queue depth + active streams per device: each worker's outstanding requests, plus
+        its share of its deployment's queue, on each of its devices."""
+        load: dict[DeviceKey, float] = {}
+        for child in self.workers:
+            if child is exclude:
+                continue
+            dep = self.config.deployment(child.plan.deployment)
+            share = self.worker_load.get(child.name, 0) + self.queued.get(dep.name, 0) / dep.replicas
+            for device in child.plan.devices:
+                key = (child.plan.node, device.id)
+                load[key] = load.get(key, 0.0) + share
+        return load
+
+    def _place_again(self, child: Child) -> None:
+        """A restarting replica is placed by its deployment's policy with today's stats and load."""
+        dep = self.config.deployment(child.plan.deployment)
+        placed = Counter((c.plan.node, d.id) for c in self.workers if c is not child for d in c.plan.devices)
+        try:
+            plan = self.planner.place_again(dep, child.plan, self.stats, self.device_load(exclude=child), placed)
+        except PlacementError as exc:
+            log.error("cannot place %s again: %s; it stays on %s", child.name, exc, child.plan.device_ids)
+            return
+        if plan.devices != child.plan.devices:
+            log.info("moving %s from %s to %s (%s)", child.name, child.plan.device_ids, plan.device_ids, plan.why)
+        child.plan = plan
 
     # --- children -------------------------------------------------------------------------
 
     def _spawn(self, child: Child) -> None:
         env = dict(os.environ)
         env.update(child.env)
+        if child.plan is not None:  # pinned before the interpreter starts
+            env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(list(child.plan.devices))
+            child.spec["devices"] = [d.to_dict() for d in child.plan.devices]
         # Children import the very package this supervisor runs, installed or not.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
         env[SPEC_ENV] = json.dumps(child.spec)
@@ -243,7 +292,7 @@ class Supervisor:
         child.state = "running"
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)%s", child.name, child.proc.pid,
-                 f" on {child.plan.device.id}" if child.plan else "")
+                 f" on {child.plan.device_ids}" if child.plan else "")
         if child.plan is not None:
             self._publish()
 
@@ -306,7 +355,7 @@ class Supervisor:
             peer, rest = frames[0], frames[1:]
             try:
                 command, body = P.decode(P.SUPERVISOR, rest, frozenset({
-                    P.HELLO, P.READINESS, P.DRAINED, P.UNRESPONSIVE, P.RESTART}))
+                    P.HELLO, P.READINESS, P.DRAINED, P.UNRESPONSIVE, P.RESTART, P.LOAD}))
             except P.ProtocolError as exc:
                 log.error("malformed message on the supervisor link: %s", exc.reason)
                 continue
@@ -321,6 +370,9 @@ class Supervisor:
             elif command == P.DRAINED and self.phase == "draining":
                 log.info("drain complete")
                 self._begin_stop()
+            elif command == P.LOAD:
+                self.worker_load = body.get("workers", {})
+                self.queued = body.get("queued", {})
             elif command == P.UNRESPONSIVE:
                 self._kill_unresponsive(str(body.get("worker")), body.get("pid"), str(body.get("reason", "")))
             elif command == P.RESTART:
@@ -378,8 +430,21 @@ class Supervisor:
         self._to_broker(P.WORKERS, {
             "daemon": {"pid": os.getpid(), "version": __version__, "config": self.config.path,
                        "runtime_dir": str(self.endpoints.runtime_dir), "state": self.phase,
-                       "started_at": self.started, "devices": self.device_note,
+                       "started_at": self.started, "devices": self.source.note, "node": self.config.node.name,
                        "broker_restarts": self.broker.restarts},
-            "devices": [d.to_dict() for d in self.devices],
+            "devices": self._device_rows(),
             "workers": [c.row() for c in self.workers],
         })
+
+    def _device_rows(self) -> list[dict[str, Any]]:
+        load = self.device_load()
+        node = self.config.node.name
+        rows = []
+        for device in self.source.devices:
+            stats = self.stats.get((node, device.id))
+            rows.append({**device.to_dict(), "node": self.config.node.name,
+                         "memory_free": stats.memory_free if stats else None,
+                         "utilization": stats.utilization if stats else None,
+                         "load": round(load.get((node, device.id), 0.0), 2),
+                         "workers": [c.name for c in self.workers if device in c.plan.devices]})
+        return rows

@@ -26,7 +26,7 @@ from inferd.config import Config, DeploymentConfig
 from inferd.errors import ErrorCode
 from inferd.metrics import DeploymentMetrics
 from inferd.queue import BoundedPriorityQueue, Entry, QueueFull
-from inferd.routing import LeastOutstanding, RoutingPolicy
+from inferd.routing import POLICIES, RoutingPolicy, Sticky
 
 log = logging.getLogger("inferd.broker")
 
@@ -108,6 +108,12 @@ class Deployment:
         return sum(1 for w in self.workers.values() if w.state == "ready")
 
 
+def make_router(dep: DeploymentConfig) -> RoutingPolicy:
+    if dep.routing == Sticky.name:
+        return Sticky(epsilon=dep.sticky_epsilon)
+    return POLICIES[dep.routing]()
+
+
 class BrokerCore:
     def __init__(self, config: Config, transport: Transport, *, clock: Callable[[], float] = time.monotonic,
                  pid: int | None = None):
@@ -117,7 +123,7 @@ class BrokerCore:
         self.pid = pid or os.getpid()
         self.epoch = int.from_bytes(os.urandom(6), "big")
         self.started = time.time()
-        self.deployments = {d.name: Deployment(d, LeastOutstanding()) for d in config.deployments}
+        self.deployments = {d.name: Deployment(d, make_router(d)) for d in config.deployments}
         self.workers: dict[str, WorkerRecord] = {}
         self.requests: dict[int, Request] = {}
         self.by_client: dict[tuple[bytes, Any], Request] = {}
@@ -127,6 +133,8 @@ class BrokerCore:
         self._hb_interval = config.broker.heartbeat_interval_ms / 1000
         self._hb_expiry = self._hb_interval * config.broker.heartbeat_liveness
         self._next_heartbeat = clock() + self._hb_interval
+        self._load_interval = config.devices.poll_interval_ms / 1000
+        self._next_load = clock() + self._load_interval
         self.supervisor_view: dict[str, Any] = {}
         self.draining = False
         self._drain_deadline = math.inf
@@ -316,6 +324,7 @@ class BrokerCore:
         self._apply_load(worker, body)
         self.workers[wid] = worker
         dep.workers[wid] = worker
+        self._sync_router(worker)
         log.info("worker %s registered: deployment=%s device=%s pid=%d state=%s credits=%d",
                  wid, dep.name, worker.device, worker.pid, worker.state, worker.credits)
         self._dispatch(dep)
@@ -323,8 +332,16 @@ class BrokerCore:
 
     def _update_load(self, worker: WorkerRecord, body: dict[str, Any]) -> None:
         if self._apply_load(worker, body):
+            self._sync_router(worker)
             self._report_readiness()
         self._dispatch(worker.deployment)
+
+    def _sync_router(self, worker: WorkerRecord) -> None:
+        """The routing policy's members are the deployment's registered, ready workers."""
+        if worker.state == "ready" and self.workers.get(worker.id) is worker:
+            worker.deployment.router.join(worker.id)
+        else:
+            worker.deployment.router.leave(worker.id)
 
     @staticmethod
     def _apply_load(worker: WorkerRecord, body: dict[str, Any]) -> bool:
@@ -384,6 +401,7 @@ class BrokerCore:
         self.workers.pop(worker.id, None)
         dep = worker.deployment
         dep.workers.pop(worker.id, None)
+        dep.router.leave(worker.id)
         lost = list(worker.requests.values())
         worker.requests.clear()
         log.warning("worker %s (pid %d) lost: %s; %d request(s) affected", worker.id, worker.pid, why, len(lost))
@@ -404,12 +422,12 @@ class BrokerCore:
 
     def _dispatch(self, dep: Deployment) -> None:
         while len(dep.queue):
-            candidates = [w for w in dep.workers.values() if w.free > 0]
-            if not candidates:
-                return
+            pool = [w for w in dep.workers.values() if w.state == "ready"]
+            worker = dep.router.choose(pool, dep.queue.peek().affinity)
+            if worker is None:
+                return  # no free credit anywhere: the queue waits
             req = dep.queue.pop()
             req.entry = None
-            worker = dep.router.choose(candidates, req.affinity)
             if not worker.requests:
                 worker.last_progress = self.clock()
             self._dispatch_seq += 1
@@ -479,6 +497,11 @@ class BrokerCore:
                                                f"with {worker.outstanding} request(s) in flight")
                 else:
                     self.transport.to_worker(worker.id, P.HEARTBEAT, {})
+        if now >= self._next_load:
+            self._next_load = now + self._load_interval
+            self.transport.to_supervisor(P.LOAD, {
+                "workers": {wid: w.outstanding for wid, w in self.workers.items()},
+                "queued": {name: len(dep.queue) for name, dep in self.deployments.items()}})
         if self.draining and now >= self._drain_deadline:
             self._drain_deadline = math.inf
             for req in [r for r in self.requests.values() if not r.done]:
@@ -499,7 +522,7 @@ class BrokerCore:
 
     def next_timeout(self) -> float:
         """Seconds until :meth:`tick` has something to do."""
-        when = min(self._next_heartbeat, self._drain_deadline)
+        when = min(self._next_heartbeat, self._next_load, self._drain_deadline)
         if self._deadlines:
             when = min(when, self._deadlines[0][0])
         return max(0.0, when - self.clock())
@@ -603,6 +626,7 @@ class BrokerCore:
             if not dep.available:
                 state = "failed"
             deployments[name] = {"state": state, "runtime": dep.config.runtime, "replicas": dep.config.replicas,
+                                 "routing": dep.config.routing,
                                  "ready": ready, "queued": len(dep.queue), "in_flight": self.in_flight(dep)}
         daemon = dict(view.get("daemon", {}))
         if "started_at" in daemon:

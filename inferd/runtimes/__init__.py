@@ -26,6 +26,9 @@ class RuntimeSpec:
     gated: dict[str, str] = field(default_factory=dict)
     # How chunk texts join into the full output: " " for word streams, "" for token deltas.
     chunk_joiner: str = ""
+    # "local": runs on a device of its node (a GPU, or a CPU device when there is none);
+    # "remote": calls a network provider, needs egress and no device.
+    transport: str = "local"
 
     def load_runner_class(self) -> type:
         module, _, attr = self.runner.partition(":")

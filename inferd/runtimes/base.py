@@ -46,14 +46,18 @@ class Output:
 
 
 class ModelRunner(abc.ABC):
-    def __init__(self, options: dict[str, Any], device: Device, capacity: int):
+    def __init__(self, options: dict[str, Any], devices: tuple[Device, ...], capacity: int):
         self.options = options
-        self.device = device
+        self.devices = devices    # pinned through CUDA_VISIBLE_DEVICES; empty for a remote runtime
         self.capacity = capacity  # the most requests admitted at once: the worker's credits
+
+    @property
+    def where(self) -> str:
+        return ",".join(d.id for d in self.devices) or "no device"
 
     @abc.abstractmethod
     def load(self) -> None:
-        """Load onto ``self.device``. May take long; the worker heartbeats meanwhile."""
+        """Load onto ``self.devices``. May take long; the worker heartbeats meanwhile."""
 
     @abc.abstractmethod
     def admit(self, request: RunRequest) -> None:

@@ -66,7 +66,7 @@ class Engine(threading.Thread):
             kind = classify(exc)
             self._stop_with(kind if kind is Failure.CONTEXT_POISONED else Failure.UNRECOVERABLE, exc)
             return
-        log.info("runner loaded in %.2f s on %s", time.monotonic() - started, self.runner.device.id)
+        log.info("runner loaded in %.2f s on %s", time.monotonic() - started, self.runner.where)
         self.state = "ready"
         self._wake()
         while self._serve_once():

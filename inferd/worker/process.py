@@ -24,7 +24,7 @@ import zmq
 
 from inferd import exitcodes, protocol as P, runtimes, zmqio
 from inferd.config import Config
-from inferd.devices import Device
+from inferd.devices import Device, cuda_visible_devices
 from inferd.errors import ErrorCode
 from inferd.failures import EXIT_STATUS
 from inferd.paths import Endpoints
@@ -38,10 +38,11 @@ RECONNECT_MS = 20
 
 
 class Worker:
-    def __init__(self, worker_id: str, config: Config, deployment: str, device: Device, endpoints: Endpoints):
+    def __init__(self, worker_id: str, config: Config, deployment: str, devices: tuple[Device, ...],
+                 endpoints: Endpoints):
         self.id = worker_id
         self.deployment = config.deployment(deployment)
-        self.device = device
+        self.devices = devices
         self.endpoint = endpoints.backend
         self.max_bytes = config.broker.max_message_bytes
         self.hb_interval = config.broker.heartbeat_interval_ms / 1000
@@ -59,7 +60,7 @@ class Worker:
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
         spec = runtimes.SPECS[self.deployment.runtime]
-        runner = spec.load_runner_class()(self.deployment.options, device, self.deployment.max_concurrency)
+        runner = spec.load_runner_class()(self.deployment.options, devices, self.deployment.max_concurrency)
         self.engine = Engine(runner, self._wake)
 
     def _wake(self) -> None:
@@ -86,7 +87,8 @@ class Worker:
         self.sock.connect(self.endpoint)
         self.broker_seen = time.monotonic()
         self._reported_state = self.engine.state
-        self.send(P.READY, {"deployment": self.deployment.name, "device": self.device.id, "pid": os.getpid(),
+        self.send(P.READY, {"deployment": self.deployment.name, "device": ",".join(d.id for d in self.devices) or "-",
+                            "pid": os.getpid(),
                             "runtime": self.deployment.runtime, **self._load()})
 
     def reconnect(self, why: str) -> None:
@@ -218,15 +220,16 @@ def main() -> None:
     config = Config.from_dict(spec["config"])
     setup_logging(f"worker {spec['worker']}", config.daemon.log_level)
     die_with_parent()
-    device = Device(**spec["device"])
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible != device.cuda_visible_devices:
-        log.error("CUDA_VISIBLE_DEVICES is %r, expected %r; refusing to run on the wrong device",
-                  visible, device.cuda_visible_devices)
+    devices = tuple(Device.from_dict(d) for d in spec["devices"])
+    visible, expected = os.environ.get("CUDA_VISIBLE_DEVICES"), cuda_visible_devices(list(devices))
+    if visible != expected:
+        log.error("CUDA_VISIBLE_DEVICES is %r, expected %r; refusing to run on the wrong device", visible, expected)
         sys.exit(exitcodes.WORKER_UNRECOVERABLE)
-    log.info("worker %s starting: deployment=%s device=%s (%s)", spec["worker"], spec["deployment"], device.id,
-             "CPU device, no GPU visible" if device.kind == "cpu" else f"GPU {device.uuid}")
-    worker = Worker(spec["worker"], config, spec["deployment"], device,
+    pinned = ("no device (remote runtime)" if not devices else
+              "CPU device, no GPU visible" if expected == "" else f"GPU {expected}")
+    log.info("worker %s starting: deployment=%s devices=%s (%s)", spec["worker"], spec["deployment"],
+             ",".join(d.id for d in devices) or "-", pinned)
+    worker = Worker(spec["worker"], config, spec["deployment"], devices,
                     Endpoints.for_dir(Path(spec["runtime_dir"]), spec.get("frontend")))
     code = worker.run()
     logging.shutdown()

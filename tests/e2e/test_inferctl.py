@@ -23,7 +23,7 @@ def test_status_table_and_json(daemon):
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].startswith("inferd ") and "READY" in lines[0]
-    assert "using CPU devices" in table.stdout
+    assert "CPU device(s)" in table.stdout
     assert any(line.split()[:3] == ["echo", "echo", "healthy"] for line in lines)
     workers = [line.split() for line in lines if line.startswith("echo-")]
     assert [w[0] for w in workers] == ["echo-0", "echo-1"]
@@ -32,6 +32,7 @@ def test_status_table_and_json(daemon):
     st = json.loads(inferctl(daemon.runtime_dir, "status", "--json").stdout)
     assert st["ready"] is True
     assert st["deployments"]["echo"] == {"state": "healthy", "runtime": "echo", "replicas": 2, "ready": 2,
+                                         "routing": "least-loaded",
                                          "queued": 0, "in_flight": 0}
     assert st["daemon"]["pid"] == daemon.proc.pid
     assert {w["id"]: w["state"] for w in st["workers"]} == {"echo-0": "ready", "echo-1": "ready"}

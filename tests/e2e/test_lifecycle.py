@@ -64,7 +64,7 @@ def test_bad_config_exits_with_the_config_status(tmp_path):
 
 def test_cpu_devices_are_announced(daemon):
     st = daemon.status()
-    assert "using CPU devices" in st["daemon"]["devices"]
+    assert "CPU device(s)" in st["daemon"]["devices"]
     assert {w["device"] for w in st["workers"]} == {"cpu:0"}
     assert "CPU device, no GPU visible" in daemon.logs()
 

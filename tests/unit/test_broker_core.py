@@ -101,7 +101,7 @@ class Harness:
         """Every message since the last take (broker->worker HEARTBEATs and READINESS left out)."""
         new = self.rec.log[self.cursor:]
         self.cursor = len(self.rec.log)
-        return [m for m in new if heartbeats or (m[2] != P.HEARTBEAT and m[2] != P.READINESS)]
+        return [m for m in new if heartbeats or m[2] not in (P.HEARTBEAT, P.READINESS, P.LOAD)]
 
     def to_clients(self, msgs) -> list[tuple[bytes, bytes, dict]]:
         return [(m[1], m[2], m[3]) for m in msgs if m[0] == "client"]
@@ -1154,6 +1154,8 @@ class World:
                     assert self.drained == 1, "DRAINED sent twice"
                     pending = [k for k, s in self.reqs.items() if s.accepted and s.final is None and not s.abandoned]
                     assert pending == [], f"DRAINED with requests still pending: {pending}"
+                elif command == P.LOAD:
+                    assert body["workers"] == {wid: len(w.requests) for wid, w in self.core.workers.items()}
                 elif command == P.UNRESPONSIVE:
                     assert body["worker"] not in self.core.workers, "UNRESPONSIVE for a worker still registered"
                     w = self.workers[body["worker"]]
