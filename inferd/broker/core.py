@@ -78,14 +78,22 @@ class WorkerRecord:
     last_progress: float = 0.0    # its last output, or when it last went from idle to busy
     resumes: int = 0              # out-of-memory steps it survived
     failure: str | None = None    # what it reported in band before going down
+    # Kept as plain attributes, not properties: a routing policy reads them for every worker
+    # of the pool on every dispatch. recount() after any change to requests, credits or state.
+    outstanding: int = 0
+    free: int = 0
 
-    @property
-    def outstanding(self) -> int:
-        return len(self.requests)
+    def recount(self) -> None:
+        self.outstanding = len(self.requests)
+        self.free = max(0, self.credits - self.outstanding) if self.state == "ready" else 0
 
-    @property
-    def free(self) -> int:
-        return self.credits - len(self.requests) if self.state == "ready" else 0
+    def hold(self, req: Request) -> None:
+        self.requests[req.rid] = req
+        self.recount()
+
+    def release(self, rid: int) -> None:
+        del self.requests[rid]
+        self.recount()
 
 
 class Deployment:
@@ -96,6 +104,9 @@ class Deployment:
         self.queue: BoundedPriorityQueue[Request] = BoundedPriorityQueue(
             config.queue_capacity, config.priority_levels)
         self.workers: dict[str, WorkerRecord] = {}
+        # The ready workers, sorted by id: what a routing policy chooses among. Rebuilt only
+        # when a worker joins, leaves or changes state, not on every dispatch.
+        self.pool: list[WorkerRecord] = []
         self.router = router
         self.metrics = DeploymentMetrics()
         # Smoothed dispatch-to-final time, for the BACKPRESSURE retry hint.
@@ -303,7 +314,7 @@ class BrokerCore:
         if command == P.CHUNK:
             self._chunk(req, body)
         else:
-            del worker.requests[req.rid]
+            worker.release(req.rid)
             req.worker = None
             self._worker_final(req, command, body)
             self._dispatch(worker.deployment)
@@ -338,10 +349,12 @@ class BrokerCore:
 
     def _sync_router(self, worker: WorkerRecord) -> None:
         """The routing policy's members are the deployment's registered, ready workers."""
+        dep = worker.deployment
         if worker.state == "ready" and self.workers.get(worker.id) is worker:
-            worker.deployment.router.join(worker.id)
+            dep.router.join(worker.id)
         else:
-            worker.deployment.router.leave(worker.id)
+            dep.router.leave(worker.id)
+        dep.pool = sorted((w for w in dep.workers.values() if w.state == "ready"), key=lambda w: w.id)
 
     @staticmethod
     def _apply_load(worker: WorkerRecord, body: dict[str, Any]) -> bool:
@@ -354,10 +367,11 @@ class BrokerCore:
         if isinstance(body.get("failure"), str):
             worker.failure = f"{body['failure']}: {body.get('reason', '')}"
             log.error("worker %s reports %s", worker.id, worker.failure)
-        if isinstance(state, str) and state != worker.state:
+        changed = isinstance(state, str) and state != worker.state
+        if changed:
             worker.state = state
-            return True
-        return False
+        worker.recount()
+        return changed
 
     def _chunk(self, req: Request, body: dict[str, Any]) -> None:
         if req.done:
@@ -401,9 +415,10 @@ class BrokerCore:
         self.workers.pop(worker.id, None)
         dep = worker.deployment
         dep.workers.pop(worker.id, None)
-        dep.router.leave(worker.id)
+        self._sync_router(worker)
         lost = list(worker.requests.values())
         worker.requests.clear()
+        worker.recount()
         log.warning("worker %s (pid %d) lost: %s; %d request(s) affected", worker.id, worker.pid, why, len(lost))
         for req in lost:
             req.worker = None
@@ -422,8 +437,7 @@ class BrokerCore:
 
     def _dispatch(self, dep: Deployment) -> None:
         while len(dep.queue):
-            pool = [w for w in dep.workers.values() if w.state == "ready"]
-            worker = dep.router.choose(pool, dep.queue.peek().affinity)
+            worker = dep.router.choose(dep.pool, dep.queue.peek().affinity)
             if worker is None:
                 return  # no free credit anywhere: the queue waits
             req = dep.queue.pop()
@@ -432,7 +446,7 @@ class BrokerCore:
                 worker.last_progress = self.clock()
             self._dispatch_seq += 1
             worker.dispatch_seq = self._dispatch_seq
-            worker.requests[req.rid] = req
+            worker.hold(req)
             req.worker = worker
             req.dispatches += 1
             now = self.clock()

@@ -140,7 +140,8 @@ def test_least_loaded_none_without_a_free_credit():
 
 
 def test_round_robin_exact_order_by_worker_id():
-    pool = [W("w2"), W("w0"), W("w1")]  # the pool's order does not matter, the ids do
+    # The broker hands policies its ready pool sorted by worker id (rebuilt on membership changes).
+    pool = sorted([W("w2"), W("w0"), W("w1")], key=lambda w: w.id)
     policy = RoundRobin()
     assert [policy.choose(pool, None).id for _ in range(7)] == ["w0", "w1", "w2", "w0", "w1", "w2", "w0"]
 
