@@ -205,6 +205,19 @@ def find(lines: list[LogLine], after: float, role: str | None, pattern: str, pid
     return None
 
 
+def until_served(attempt: Callable[[], str], t0: float) -> tuple[str, int, list[str]]:
+    """Retry ``attempt`` until a request completes; its text, the attempts and the failures seen."""
+    attempts, failures = 0, []
+    while True:
+        attempts += 1
+        try:
+            return attempt(), attempts, failures
+        except errors.InferdError as exc:
+            failures.append(type(exc).__name__)
+            if time.perf_counter() - t0 > GIVE_UP_S:
+                raise
+
+
 # --- 1. poisoned worker ---------------------------------------------------------------------
 
 def poison_once(daemon: Daemon, client: Client) -> dict[str, Any]:
@@ -216,16 +229,9 @@ def poison_once(daemon: Daemon, client: Client) -> dict[str, Any]:
         raise RuntimeError("the poisoned request completed; is fault_injection on?")
     except errors.ContextPoisoned:
         t0, wall0 = time.perf_counter(), time.time()   # the start point: the client has the error
-    attempts, failures = 0, []
-    while True:  # one request, normally; it waits in the queue until the replacement serves
-        attempts += 1
-        try:
-            text = client.complete("echo", PROBE, deadline_ms=WORKER_PROBE_DEADLINE_MS)
-            break
-        except errors.InferdError as exc:
-            failures.append(type(exc).__name__)
-            if time.perf_counter() - t0 > GIVE_UP_S:
-                raise
+    # One request, normally: it waits in the queue until the replacement serves.
+    text, attempts, failures = until_served(lambda: client.complete("echo", PROBE,
+                                                                     deadline_ms=WORKER_PROBE_DEADLINE_MS), t0)
     total = time.perf_counter() - t0
     done_wall = time.time()
     if text != PROBE:
@@ -288,17 +294,12 @@ def kill_broker_once(daemon: Daemon, ordinal: int) -> dict[str, Any]:
     pid = st["broker"]["pid"]
     t0, wall0 = time.perf_counter(), time.time()
     os.kill(pid, signal.SIGKILL)
-    attempts, failures = 0, []
-    while True:
-        attempts += 1
-        try:
-            with Client(runtime_dir=daemon.runtime_dir, **BROKER_ATTEMPT) as client:
-                text = client.complete("echo", PROBE, deadline_ms=BROKER_DEADLINE_MS)
-            break
-        except errors.InferdError as exc:
-            failures.append(type(exc).__name__)
-            if time.perf_counter() - t0 > GIVE_UP_S:
-                raise
+
+    def attempt() -> str:
+        with Client(runtime_dir=daemon.runtime_dir, **BROKER_ATTEMPT) as client:
+            return client.complete("echo", PROBE, deadline_ms=BROKER_DEADLINE_MS)
+
+    text, attempts, failures = until_served(attempt, t0)
     total = time.perf_counter() - t0
     done_wall = time.time()
     if text != PROBE:

@@ -139,7 +139,9 @@ class BrokerCore:
         self.requests: dict[int, Request] = {}
         self.by_client: dict[tuple[bytes, Any], Request] = {}
         self._deadlines: list[tuple[float, int]] = []
-        self._next_rid = 1
+        # Request ids start at a random base for each broker process: a worker still winding down
+        # the requests of a broker that died must never answer for a new broker's request.
+        self._next_rid = (self.epoch & 0xFFFFFFFF) << 20
         self._dispatch_seq = 0
         self._hb_interval = config.broker.heartbeat_interval_ms / 1000
         self._hb_expiry = self._hb_interval * config.broker.heartbeat_liveness

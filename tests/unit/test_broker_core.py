@@ -1558,3 +1558,19 @@ def test_deadline_heap_stays_bounded_under_sustained_load():
     h.advance(0.2)
     codes = [m[3]["code"] for m in h.take() if m[0] == "client" and m[2] == P.ERROR]
     assert codes == ["DEADLINE_EXCEEDED"] * 5
+
+
+def test_request_ids_of_two_broker_processes_do_not_meet():
+    # A worker may still be winding down a dead broker's requests when the next broker
+    # dispatches to it: their ids must not collide, or an old CANCELLED would end a new request.
+    first, second = Harness(), Harness()
+    rids = []
+    for h in (first, second):
+        h.ready("echo-0", credits=4)
+        h.take()
+        for i in range(3):
+            h.submit(i)
+        rids.append({rid for _, rid, _ in h.requests_sent(h.take())})
+    assert len(rids[0]) == len(rids[1]) == 3
+    assert not rids[0] & rids[1]
+    assert min(rids[0] | rids[1]) >= 1 << 20
