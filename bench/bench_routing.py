@@ -216,7 +216,7 @@ def main() -> int:
     for r in rows:
         print(f"| {r['policy']} | {r['workers']} | {r['median_us']:.2f} | {r['p99_us']:.2f} "
               f"| {r['fraction']:.1%} of {broker[r['workers']]['median_us']:.1f} | {r['fraction_of_docs_300us']:.1%} |")
-    print(f"\n(bookkeeping subtracted per choice: "
+    print("\n(bookkeeping subtracted per choice: "
           + ", ".join(f"{r['policy']}/{r['workers']} {r['bookkeeping_us']:.2f}" for r in rows) + " µs)")
     if args.json:
         with open(args.json, "w") as f:

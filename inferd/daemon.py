@@ -34,8 +34,10 @@ def plan_node(config: Config) -> tuple[DeviceSource, Planner, list[WorkerPlan]]:
 
 def policy(config: Config, plans: list[WorkerPlan]) -> SupervisionPolicy:
     d = config.daemon
-    limits = {p.id: Limits(config.deployment(p.deployment).max_restarts, config.deployment(p.deployment).restart_window_s)
-              for p in plans}
+    limits = {}
+    for p in plans:
+        dep = config.deployment(p.deployment)
+        limits[p.id] = Limits(dep.max_restarts, dep.restart_window_s)
     limits["broker"] = BROKER_LIMITS
     return SupervisionPolicy(limits, backoff_min_s=d.restart_backoff_min_ms / 1000,
                              backoff_max_s=d.restart_backoff_max_ms / 1000, backoff_reset_s=d.restart_backoff_reset_s,

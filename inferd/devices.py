@@ -113,7 +113,8 @@ class DeviceSource:
         if not devices:
             return cpu_devices(cpu_count), f"no GPU: NVML found no devices; using {cpu_count} CPU device(s)"
         migs = sum(1 for d in devices if "/mig:" in d.id)
-        return devices, f"{len(devices)} GPU device(s) found by NVML" + (f", {migs} of them MIG instances" if migs else "")
+        mig_note = f", {migs} of them MIG instances" if migs else ""
+        return devices, f"{len(devices)} GPU device(s) found by NVML{mig_note}"
 
     def _gpu(self, index: int) -> list[Device]:
         nvml = self.nvml

@@ -95,7 +95,8 @@ def classify(exc: BaseException) -> Failure:
     if "AcceleratorError" in names:
         return Failure.CONTEXT_POISONED
     first_line = message.split("\n", 1)[0]
-    if isinstance(exc, RuntimeError) and "cuda error" in first_line and any(m in first_line for m in STICKY_CUDA_MARKERS):
+    sticky = "cuda error" in first_line and any(m in first_line for m in STICKY_CUDA_MARKERS)
+    if isinstance(exc, RuntimeError) and sticky:
         return Failure.CONTEXT_POISONED
     return Failure.UNKNOWN
 

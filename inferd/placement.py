@@ -185,8 +185,9 @@ class Planner:
         if spec.transport == "remote":
             egress = [n for n in self.nodes if n.egress]
             if not egress:
+                names = ", ".join(n.name for n in self.nodes) or "none"
                 raise NoEgressNodes(f"deployment {dep.name!r} ({dep.runtime}, remote) needs a node with network "
-                                    f"egress; nodes: {', '.join(n.name for n in self.nodes) or 'none'}, none with egress")
+                                    f"egress; nodes: {names}, none with egress")
             node = self._next_node("remote", egress)
             return WorkerPlan(worker_id, dep.name, replica, node.name, (), f"remote runtime: node {node.name} (egress)")
         with_devices = [n for n in self.nodes if n.devices]

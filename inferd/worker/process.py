@@ -87,9 +87,9 @@ class Worker:
         self.sock.connect(self.endpoint)
         self.broker_seen = time.monotonic()
         self._reported_state = self.engine.state
-        self.send(P.READY, {"deployment": self.deployment.name, "device": ",".join(d.id for d in self.devices) or "-",
-                            "pid": os.getpid(),
-                            "runtime": self.deployment.runtime, **self._load()})
+        self.send(P.READY, {"deployment": self.deployment.name, "runtime": self.deployment.runtime,
+                            "device": ",".join(d.id for d in self.devices) or "-", "pid": os.getpid(),
+                            **self._load()})
 
     def reconnect(self, why: str) -> None:
         log.warning("re-registering with the broker: %s; dropping %d request(s)", why, len(self.in_flight))

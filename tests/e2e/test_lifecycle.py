@@ -158,10 +158,10 @@ def test_children_die_with_the_supervisor(daemon):
 
 def test_exited_children_are_reaped(make_daemon):
     daemon = make_daemon(replicas=1)
-    for round_ in range(3):
+    for _ in range(3):
         pid = daemon.worker("echo-0")["pid"]
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: (w := daemon.worker("echo-0"))["state"] == "ready" and w["pid"] != pid, timeout=10)
+        wait_for(lambda old=pid: (w := daemon.worker("echo-0"))["state"] == "ready" and w["pid"] != old, timeout=10)
         assert not os.path.exists(f"/proc/{pid}")  # reaped: not even a zombie is left
     assert daemon.worker("echo-0")["restarts"] == 3
 
