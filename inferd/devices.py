@@ -19,7 +19,6 @@ different free memory and compute capabilities.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -179,7 +178,3 @@ def discover(cpu_count: int) -> DeviceSource:
     """The real node: NVML when it is there, else CPU devices."""
     nvml, why = load_nvml()
     return DeviceSource(nvml, cpu_count, why)
-
-
-def node_name() -> str:
-    return os.uname().nodename

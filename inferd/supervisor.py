@@ -58,7 +58,6 @@ class Child:
     name: str
     module: str
     spec: dict[str, Any]
-    env: dict[str, str]
     plan: WorkerPlan | None = None      # workers only: where it runs, placed again at each restart
     proc: subprocess.Popen | None = None
     state: str = "stopped"
@@ -105,9 +104,9 @@ class Supervisor:
 
         base = {"config": config.to_dict(), "runtime_dir": str(endpoints.runtime_dir),
                 "frontend": config.broker.frontend}
-        self.broker = Child(BROKER, "inferd.broker", base, {"CUDA_VISIBLE_DEVICES": ""})
-        self.workers = [Child(p.id, "inferd.worker", {**base, "worker": p.id, "deployment": p.deployment}, {},
-                              plan=p) for p in plans]
+        self.broker = Child(BROKER, "inferd.broker", base)
+        self.workers = [Child(p.id, "inferd.worker", {**base, "worker": p.id, "deployment": p.deployment}, plan=p)
+                        for p in plans]
         self.ctx = zmq.Context()
         self.link = self.ctx.socket(zmq.ROUTER)
         self.link.setsockopt(zmq.LINGER, 0)
@@ -137,7 +136,7 @@ class Supervisor:
             log.info("device %s: %s%s", dev.id, dev.name, " (CPU device: no GPU)" if dev.kind == "cpu" else
                      f" {dev.uuid}, {dev.memory_total / 2**30:.1f} GiB, compute capability "
                      f"{dev.compute_capability[0]}.{dev.compute_capability[1]}")
-        for plan in self.planner_plans():
+        for plan in (c.plan for c in self.workers):
             log.info("placed %s on %s (%s)", plan.id, plan.device_ids, plan.why)
         self._spawn(self.broker)
         for child in self.workers:
@@ -162,9 +161,6 @@ class Supervisor:
         self.link.close(0)
         self.ctx.term()
         return self.exit_status
-
-    def planner_plans(self) -> list[WorkerPlan]:
-        return [c.plan for c in self.workers]
 
     def _next_timer(self) -> float:
         times = [c.restart_at for c in self._children() if c.restart_at is not None]
@@ -277,8 +273,9 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         env = dict(os.environ)
-        env.update(child.env)
-        if child.plan is not None:  # pinned before the interpreter starts
+        # Pinned before the interpreter starts: a worker to its devices, the broker to none.
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        if child.plan is not None:
             env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(list(child.plan.devices))
             child.spec["devices"] = [d.to_dict() for d in child.plan.devices]
         # Children import the very package this supervisor runs, installed or not.

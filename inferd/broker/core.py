@@ -78,6 +78,7 @@ class WorkerRecord:
     last_progress: float = 0.0    # its last output, or when it last went from idle to busy
     resumes: int = 0              # out-of-memory steps it survived
     failure: str | None = None    # what it reported in band before going down
+    runner: dict[str, Any] = field(default_factory=dict)  # the runtime's own load report
     # Kept as plain attributes, not properties: a routing policy reads them for every worker
     # of the pool on every dispatch. recount() after any change to requests, credits or state.
     outstanding: int = 0
@@ -366,6 +367,8 @@ class BrokerCore:
             worker.credits = credits
         if isinstance(resumes, int) and not isinstance(resumes, bool):
             worker.resumes = resumes
+        if isinstance(body.get("runner"), dict):
+            worker.runner = body["runner"]
         if isinstance(body.get("failure"), str):
             worker.failure = f"{body['failure']}: {body.get('reason', '')}"
             log.error("worker %s reports %s", worker.id, worker.failure)
@@ -634,6 +637,7 @@ class BrokerCore:
             row["credits"] = worker.credits if worker else 0
             row["in_flight"] = worker.outstanding if worker else 0
             row["resumes"] = worker.resumes if worker else 0
+            row["runner"] = worker.runner if worker else {}
             rows.append(row)
         deployments = {}
         for name, dep in self.deployments.items():

@@ -41,6 +41,9 @@ class Engine(threading.Thread):
         self.failure: Failure | None = None   # set when the engine stops for good
         self.failure_message = ""
         self.resumes = 0                      # out-of-memory steps survived
+        # The runner's own load figures, taken by this thread after each step (the runner is
+        # not thread-safe); the main thread sends the latest in its heartbeats.
+        self.report: dict[str, Any] = {}
         self.last_progress = time.monotonic()
         self._wake = wake
         self._active: set[int] = set()
@@ -114,6 +117,7 @@ class Engine(threading.Thread):
         except Exception as exc:
             return self._on_step_failure(exc)
         self.last_progress = time.monotonic()
+        self.report = self.runner.load_report()
         for out in outputs:
             if out.final:
                 self._active.discard(out.rid)

@@ -102,12 +102,13 @@ class Worker:
     def send(self, command: bytes, body: dict[str, Any]) -> None:
         body["worker"] = self.id
         zmqio.send(self.sock, P.encode(P.WORKER, command, body))
-        self.last_sent = time.monotonic()
+        if command in (P.READY, P.HEARTBEAT):  # the messages that carry _load()
+            self.last_report = time.monotonic()
 
     def _load(self) -> dict[str, Any]:
         ready = self.engine.state == "ready"
         return {"state": self.engine.state, "credits": self.deployment.max_concurrency if ready else 0,
-                "in_flight": len(self.in_flight), "resumes": self.engine.resumes}
+                "in_flight": len(self.in_flight), "resumes": self.engine.resumes, "runner": self.engine.report}
 
     # --- loop ------------------------------------------------------------------------------
 
@@ -125,7 +126,9 @@ class Worker:
                     poller.unregister(sock)
                 sock = self.sock
                 poller.register(sock, zmq.POLLIN)
-            timeout = max(0.0, self.last_sent + self.hb_interval - time.monotonic())
+            # A HEARTBEAT every interval even while chunks flow: it carries the load report
+            # (credits, runner load, resumes), which a busy worker must keep sending.
+            timeout = max(0.0, self.last_report + self.hb_interval - time.monotonic())
             for ready, _ in poller.poll(timeout * 1000):
                 if ready is sock:
                     self._from_broker()
@@ -138,7 +141,7 @@ class Worker:
             now = time.monotonic()
             if now - self.broker_seen > self.hb_expiry:
                 self.reconnect(f"no word from the broker for {now - self.broker_seen:.1f} s")
-            elif now - self.last_sent >= self.hb_interval or self.engine.state != self._reported_state:
+            elif now - self.last_report >= self.hb_interval or self.engine.state != self._reported_state:
                 self._reported_state = self.engine.state
                 self.send(P.HEARTBEAT, self._load())
         self.engine.stop()

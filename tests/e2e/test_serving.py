@@ -176,12 +176,16 @@ def test_async_client_concurrent_requests(daemon):
 def test_load_spreads_across_workers(make_daemon):
     daemon = make_daemon(replicas=2, max_concurrency=4)
     with daemon.client() as client:
-        streams = [client.generate("echo", "a b c", delay_ms=100) for _ in range(8)]
+        words = [f"w{i}" for i in range(12)]
+        streams = [client.generate("echo", " ".join(words), delay_ms=100) for _ in range(8)]
         seen = wait_for(lambda: [w["in_flight"] for w in daemon.status()["workers"]] == [4, 4],
                         timeout=3, what="both workers to hold 4 requests")
         assert seen
+        # Each runner reports its own load (echo: its active streams) through the heartbeats.
+        wait_for(lambda: [w["runner"] for w in daemon.status()["workers"]] == [{"active": 4}] * 2,
+                 timeout=3, what="the runners' load reports")
         for stream in streams:
-            assert [c.text for c in stream] == ["a", "b", "c"]
+            assert [c.text for c in stream] == words
 
 
 def test_client_without_daemon_says_so(tmp_path):
