@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,11 @@ def status(obj: Ctx, as_json: bool) -> None:
                        "OOM_RESUMES", "LAST_EXIT"],
                       [[w["id"], w["deployment"], w["device"], w["pid"] or None, _state(w), w["restarts"],
                         w["credits"], w["in_flight"], w["resumes"], w["last_exit"]] for w in st["workers"]]))
+    failures = [(w["id"], w["failure"]) for w in st["workers"] if w.get("failure")]
+    if failures:
+        click.echo("")
+        for wid, failure in failures:
+            click.echo(f"{wid}: {failure}")
 
 
 def _state(worker: dict[str, Any]) -> str:
@@ -193,6 +199,40 @@ def restart(obj: Ctx, worker: str) -> None:
     click.echo(obj.call(P.RESTART, worker=worker)["message"])
 
 
+@cli.command()
+@click.argument("deployment")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until every worker has rebuilt and is ready again.")
+@click.option("--wait-timeout", type=float, default=600.0, show_default=True, help="Seconds to wait at most.")
+@click.pass_obj
+def rebuild(obj: Ctx, deployment: str, wait: bool, wait_timeout: float) -> None:
+    """Rebuild the model session of each of DEPLOYMENT's workers.
+
+    Each worker finishes the requests it runs, rebuilds (reloading the model,
+    so a new weights file takes effect) and takes requests again. Requests
+    that arrive meanwhile wait in the queue; none is lost.
+    """
+    asked: dict[str, int] = obj.call(P.REBUILD, deployment=deployment)["workers"]
+    if not asked:
+        raise CtlError(f"no ready worker of {deployment} to rebuild")
+    click.echo(f"rebuilding {deployment}: {', '.join(sorted(asked))}")
+    if not wait:
+        return
+    deadline = time.monotonic() + wait_timeout
+    while asked:
+        time.sleep(0.1)
+        rows = {w["id"]: w for w in obj.call(P.STATUS)["workers"]}
+        for wid, before in list(asked.items()):
+            row = rows.get(wid, {})
+            if row.get("state") == "ready" and row.get("rebuilds", 0) > before:
+                click.echo(f"{wid}: ready")
+                del asked[wid]
+            elif row.get("state") in ("failed", "poisoned", "restarting", "stopped"):
+                raise CtlError(f"{wid} did not rebuild: {row.get('failure') or row.get('state')}")
+        if asked and time.monotonic() > deadline:
+            raise CtlError(f"not rebuilt after {wait_timeout:g} s: {', '.join(sorted(asked))}")
+
+
 def _ms(dist: dict[str, Any], key: str) -> str:
     return f"{dist[key]:.1f}" if key in dist else "-"
 
@@ -234,7 +274,7 @@ def _param(value: str) -> Any:
 @click.option("--priority", type=int, help="0 is the most urgent.")
 @click.option("--deadline-ms", type=int, help="Shortens the deployment's default deadline.")
 @click.option("--affinity", help="Session key for sticky routing.")
-@click.option("--max-tokens", type=int, help="At most this many chunks.")
+@click.option("--max-tokens", type=int, help="At most this many tokens (echo: words).")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="A runtime param; repeatable.")
 @click.pass_obj
 def generate(obj: Ctx, deployment: str, prompt: str, priority: int | None, deadline_ms: int | None,

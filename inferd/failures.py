@@ -80,7 +80,8 @@ def classify(exc: BaseException) -> Failure:
       sticky error; an AcceleratorError that names none is treated as poisoned
       too, since a CUDA error in a context we cannot inspect is not safe to reuse.
     - ``torch.cuda.OutOfMemoryError`` (``torch.OutOfMemoryError``), and the
-      "CUDA out of memory" message of older versions, are OutOfMemory.
+      "CUDA out of memory" message of older versions, are OutOfMemory; so is
+      the CPU allocator's "can't allocate memory" (a CPU worker out of host memory).
     """
     if isinstance(exc, ContextPoisonedError):
         return Failure.CONTEXT_POISONED
@@ -90,7 +91,8 @@ def classify(exc: BaseException) -> Failure:
         return Failure.UNRECOVERABLE
     names = _class_names(exc)
     message = describe(exc).lower()
-    if "OutOfMemoryError" in names or ("out of memory" in message and "cuda" in message):
+    if ("OutOfMemoryError" in names or ("out of memory" in message and "cuda" in message)
+            or "defaultcpuallocator: can't allocate memory" in message):
         return Failure.OUT_OF_MEMORY
     if "AcceleratorError" in names:
         return Failure.CONTEXT_POISONED

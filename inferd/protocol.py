@@ -46,6 +46,7 @@ HEARTBEAT = b"HEARTBEAT"
 # Broker -> worker (plus CANCEL, HEARTBEAT).
 REQUEST = b"REQUEST"
 DISCONNECT = b"DISCONNECT"
+REBUILD = b"REBUILD"          # also inferctl -> broker: rebuild a deployment's model sessions
 
 # inferctl -> broker control endpoint; answered with OK or ERROR.
 STATUS = b"STATUS"
@@ -66,7 +67,7 @@ RESTARTED = b"RESTARTED"      # supervisor -> broker: the answer to RESTART
 
 CLIENT_COMMANDS = frozenset({SUBMIT, CANCEL, PING})
 WORKER_COMMANDS = frozenset({READY, HEARTBEAT, CHUNK, DONE, ERROR})
-CONTROL_COMMANDS = frozenset({STATUS, METRICS, RESTART})
+CONTROL_COMMANDS = frozenset({STATUS, METRICS, RESTART, REBUILD})
 
 # Finish reasons carried by DONE (and by the last CHUNK when the runtime knows it is last).
 FINISH_STOP = "stop"          # the output ended on its own (end of text, a stop string)

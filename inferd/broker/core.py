@@ -77,6 +77,7 @@ class WorkerRecord:
     dispatch_seq: int = 0
     last_progress: float = 0.0    # its last output, or when it last went from idle to busy
     resumes: int = 0              # out-of-memory steps it survived
+    rebuilds: int = 0             # model sessions rebuilt (inferctl rebuild)
     failure: str | None = None    # what it reported in band before going down
     runner: dict[str, Any] = field(default_factory=dict)  # the runtime's own load report
     # Kept as plain attributes, not properties: a routing policy reads them for every worker
@@ -158,6 +159,7 @@ class BrokerCore:
         self.control_replies: list[dict[str, Any]] = []
         # Worker id -> pid of a process reported unresponsive, which may not register again.
         self._condemned: dict[str, int] = {}
+        self._last_failure: dict[str, str] = {}  # worker id -> what it reported before going down
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -326,6 +328,7 @@ class BrokerCore:
         if self._condemned.get(wid) == body.get("pid"):
             return  # reported unresponsive; the supervisor is killing it
         self._condemned.pop(wid, None)
+        self._last_failure.pop(wid, None)
         dep = self.deployments.get(body.get("deployment"))
         if dep is None:
             log.error("worker %s registered for unknown deployment %r", wid, body.get("deployment"))
@@ -362,11 +365,13 @@ class BrokerCore:
     @staticmethod
     def _apply_load(worker: WorkerRecord, body: dict[str, Any]) -> bool:
         """Take the credits, state and failure a worker reports; True if its state changed."""
-        credits, state, resumes = body.get("credits"), body.get("state"), body.get("resumes")
+        credits, state = body.get("credits"), body.get("state")
         if isinstance(credits, int) and not isinstance(credits, bool) and credits >= 0:
             worker.credits = credits
-        if isinstance(resumes, int) and not isinstance(resumes, bool):
-            worker.resumes = resumes
+        for counter in ("resumes", "rebuilds"):
+            value = body.get(counter)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(worker, counter, value)
         if isinstance(body.get("runner"), dict):
             worker.runner = body["runner"]
         if isinstance(body.get("failure"), str):
@@ -418,6 +423,8 @@ class BrokerCore:
 
     def _lose_worker(self, worker: WorkerRecord, why: str, code: ErrorCode = ErrorCode.WORKER_LOST) -> None:
         self.workers.pop(worker.id, None)
+        if worker.failure:
+            self._last_failure[worker.id] = worker.failure
         dep = worker.deployment
         dep.workers.pop(worker.id, None)
         self._sync_router(worker)
@@ -511,7 +518,8 @@ class BrokerCore:
             for worker in list(self.workers.values()):
                 if now - worker.last_seen > self._hb_expiry:
                     self._unresponsive(worker, f"no message for {now - worker.last_seen:.1f} s")
-                elif worker.requests and now - worker.last_progress > worker.deployment.config.watchdog_s:
+                elif (worker.requests and worker.state != "rebuilding"  # a rebuild is not a hang
+                      and now - worker.last_progress > worker.deployment.config.watchdog_s):
                     self._unresponsive(worker, f"hung: no progress for {now - worker.last_progress:.1f} s "
                                                f"with {worker.outstanding} request(s) in flight")
                 else:
@@ -581,6 +589,28 @@ class BrokerCore:
                     self._finish(req, P.ERROR, P.error_body(
                         req.cid, ErrorCode.UNAVAILABLE, f"deployment {dep.name!r} has no worker left"), "failed")
 
+    def rebuild(self, name: str) -> dict[str, int]:
+        """An operator's ``inferctl rebuild``: each ready worker of the deployment rebuilds its model session.
+
+        The workers stop taking requests (state rebuilding, no credits), finish
+        what they run, rebuild, and report ready again; the queue holds new
+        requests meanwhile. Workers still loading are not asked: they load a fresh
+        session anyway. Returns each asked worker's rebuild count before this one,
+        so a caller can wait for the next. KeyError for an unknown deployment.
+        """
+        dep = self.deployments[name]
+        asked = {}
+        for worker in dep.workers.values():
+            if worker.state in ("ready", "rebuilding"):
+                self.transport.to_worker(worker.id, P.REBUILD, {})
+                asked[worker.id] = worker.rebuilds
+                worker.state = "rebuilding"
+                worker.recount()
+                self._sync_router(worker)
+        log.info("rebuild of %s asked of %d worker(s): %s", name, len(asked), ", ".join(sorted(asked)) or "none")
+        self._report_readiness()
+        return asked
+
     def restart_worker(self, wid: str, token: Any) -> None:
         """An operator's ``inferctl restart``: the supervisor acts and answers with RESTARTED."""
         self.transport.to_supervisor(P.RESTART, {"worker": wid, "token": token})
@@ -637,6 +667,8 @@ class BrokerCore:
             row["credits"] = worker.credits if worker else 0
             row["in_flight"] = worker.outstanding if worker else 0
             row["resumes"] = worker.resumes if worker else 0
+            row["rebuilds"] = worker.rebuilds if worker else 0
+            row["failure"] = worker.failure if worker else self._last_failure.get(proc["id"])
             row["runner"] = worker.runner if worker else {}
             rows.append(row)
         deployments = {}

@@ -174,7 +174,15 @@ class Broker:
                 self._pending_control[self._control_token] = (peer, body.get("id"))
                 self.core.restart_worker(body["worker"], self._control_token)
                 return  # answered when the supervisor has acted
-            result = self.core.status() if command == P.STATUS else self.core.metrics()
+            if command == P.REBUILD:
+                P.check_fields(body, {"id": ((int, str), False), "deployment": (str, True)}, "REBUILD")
+                if body["deployment"] not in self.core.deployments:
+                    self._control_reply(peer, P.ERROR, P.error_body(
+                        body.get("id"), ErrorCode.UNKNOWN_DEPLOYMENT, f"no deployment {body['deployment']!r}"))
+                    return
+                result = {"workers": self.core.rebuild(body["deployment"])}
+            else:
+                result = self.core.status() if command == P.STATUS else self.core.metrics()
             self._control_reply(peer, P.OK, {"id": body.get("id"), "result": result})
         except P.ProtocolError as exc:
             self._control_reply(peer, P.ERROR, P.error_body(exc.request_id, ErrorCode.BAD_REQUEST, exc.reason))

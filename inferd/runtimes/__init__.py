@@ -37,8 +37,25 @@ class RuntimeSpec:
 
 # Faults the echo runtime injects when asked (see inferd/runtimes/echo.py).
 ECHO_FAULTS = ("poison", "oom", "crash", "hang", "error")
+# Faults the torch runtime injects when asked (see inferd/runtimes/torch_runtime.py).
+TORCH_FAULTS = ("poison", "oom", "error")
+
+# The torch runtime's built-in models, by name; any other model is a "module:callable" factory.
+TORCH_MODELS = {"tiny": "inferd.models.tiny:build"}
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 _MAX_TOKENS = Param(int, "an integer between 1 and 1000000", lambda v: 1 <= v <= 1_000_000)
+_BOOL = Param(bool, "true or false")
+
+
+def _is_factory(name: str) -> bool:
+    module, colon, attr = name.partition(":")
+    return bool(colon) and all(part.isidentifier() for part in module.split(".")) and attr.isidentifier()
+
+
+def _are_stop_strings(value: str | list) -> bool:
+    strings = [value] if isinstance(value, str) else value
+    return 1 <= len(strings) <= 16 and all(isinstance(s, str) and 1 <= len(s) <= 256 for s in strings)
 
 SPECS: dict[str, RuntimeSpec] = {
     "echo": RuntimeSpec(
@@ -52,11 +69,38 @@ SPECS: dict[str, RuntimeSpec] = {
         },
         options={
             # Test-only faults; off unless a config turns them on.
-            "fault_injection": Param(bool, "true or false"),
+            "fault_injection": _BOOL,
             "load_fault": Param(str, "\"unrecoverable\"", lambda v: v == "unrecoverable"),
         },
         gated={"fault": "fault_injection", "load_fault": "fault_injection"},
         chunk_joiner=" ",
+    ),
+    "torch": RuntimeSpec(
+        name="torch",
+        runner="inferd.runtimes.torch_runtime:TorchRunner",
+        params={
+            "max_tokens": _MAX_TOKENS,
+            "temperature": Param(float, "a number between 0 (greedy) and 100", lambda v: 0 <= v <= 100),
+            "top_p": Param(float, "a number in (0, 1]", lambda v: 0 < v <= 1),
+            "seed": Param(int, "an integer between 0 and 2**63 - 1", lambda v: 0 <= v < 2**63),
+            "stop": Param((str, list), "a string or a list of 1 to 16 strings of 1 to 256 characters",
+                          _are_stop_strings),
+            "fault": Param(str, f"one of {', '.join(TORCH_FAULTS)}", lambda v: v in TORCH_FAULTS),
+        },
+        options={
+            "model": Param(str, f"a built-in model ({', '.join(TORCH_MODELS)}) or a factory \"package.module:callable\"",
+                           lambda v: v in TORCH_MODELS or _is_factory(v)),
+            "weights": Param(str, "a path to a .safetensors, .pt or .pth file", lambda v: len(v) > 0),
+            "seed": Param(int, "an integer between 0 and 2**63 - 1", lambda v: 0 <= v < 2**63),
+            "dtype": Param(str, f"one of {', '.join(TORCH_DTYPES)}", lambda v: v in TORCH_DTYPES),
+            "max_batch_size": Param(int, "an integer between 1 and 4096", lambda v: 1 <= v <= 4096),
+            "max_batch_delay_ms": Param(float, "a number of milliseconds between 0 and 10000",
+                                        lambda v: 0 <= v <= 10_000),
+            "cpu_threads": Param(int, "an integer between 1 and 1024", lambda v: 1 <= v <= 1024),
+            "fault_injection": _BOOL,
+        },
+        gated={"fault": "fault_injection"},
+        chunk_joiner="",
     ),
 }
 

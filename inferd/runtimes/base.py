@@ -49,7 +49,9 @@ class ModelRunner(abc.ABC):
     def __init__(self, options: dict[str, Any], devices: tuple[Device, ...], capacity: int):
         self.options = options
         self.devices = devices    # pinned through CUDA_VISIBLE_DEVICES; empty for a remote runtime
-        self.capacity = capacity  # the most requests admitted at once: the worker's credits
+        # The most requests admitted at once: the worker's credits. A runner may lower it
+        # (the torch runtime's batch slots), never raise it.
+        self.capacity = capacity
 
     @property
     def where(self) -> str:
@@ -80,10 +82,14 @@ class ModelRunner(abc.ABC):
     def next_step_in(self) -> float | None:
         """Seconds until :meth:`step` has work (0: now); None when nothing is admitted."""
 
+    def warmup(self) -> None:
+        """Run the model once before taking requests. The default does nothing."""
+
     def rebuild(self) -> None:
-        """Rebuild the model session (drop caches, reload). The default reloads."""
+        """Rebuild the model session (drop caches, reload, warm up). The default does all three."""
         self.close()
         self.load()
+        self.warmup()
 
     def release_memory(self) -> None:
         """Free cached device memory after an out-of-memory step (Resume). The default does nothing."""

@@ -6,6 +6,11 @@ So the runner lives here, fed through a command queue, and its outputs go
 back through a deque plus a wake-up message on an inproc socket. One wake-up
 per step, not per output, keeps the hand-off cheap.
 
+The engine's ``state`` is what the worker reports: loading, warming, ready,
+rebuilding (``inferctl rebuild``: requests already running finish, requests
+that arrive meanwhile wait here, then the session is rebuilt and they run),
+and poisoned or failed.
+
 A runner's exception is classified (``inferd.failures``) and the decider
 says what to do: Resume (out of memory) fails the step's requests, frees the
 cache and carries on; anything else fails the active requests and stops the
@@ -28,7 +33,7 @@ from inferd.runtimes.base import ModelRunner, Output, RunRequest
 
 log = logging.getLogger("inferd.worker")
 
-ADMIT, CANCEL, STOP = "admit", "cancel", "stop"
+ADMIT, CANCEL, REBUILD, STOP = "admit", "cancel", "rebuild", "stop"
 
 
 class Engine(threading.Thread):
@@ -41,12 +46,14 @@ class Engine(threading.Thread):
         self.failure: Failure | None = None   # set when the engine stops for good
         self.failure_message = ""
         self.resumes = 0                      # out-of-memory steps survived
+        self.rebuilds = 0                     # model sessions rebuilt on request
         # The runner's own load figures, taken by this thread after each step (the runner is
         # not thread-safe); the main thread sends the latest in its heartbeats.
         self.report: dict[str, Any] = {}
-        self.last_progress = time.monotonic()
         self._wake = wake
         self._active: set[int] = set()
+        self._rebuild_requested = False
+        self._deferred: dict[int, RunRequest] = {}  # admitted while a rebuild is pending
 
     # Called from the main thread.
     def admit(self, request: RunRequest) -> None:
@@ -55,28 +62,47 @@ class Engine(threading.Thread):
     def cancel(self, rid: int) -> None:
         self.commands.put((CANCEL, rid))
 
+    def rebuild(self) -> None:
+        self.commands.put((REBUILD, None))
+
     def stop(self) -> None:
         self.commands.put((STOP, None))
 
     # The engine thread.
     def run(self) -> None:
         started = time.monotonic()
-        try:
-            self.runner.load()
-        except Exception as exc:
-            log.exception("loading the model failed")
-            # A poisoned context may load fine in a new process; anything else will fail again.
-            kind = classify(exc)
-            self._stop_with(kind if kind is Failure.CONTEXT_POISONED else Failure.UNRECOVERABLE, exc)
+        if not self._prepare("loading the model", self.runner.load):
             return
-        log.info("runner loaded in %.2f s on %s", time.monotonic() - started, self.runner.where)
-        self.state = "ready"
-        self._wake()
+        self._set_state("warming")
+        if not self._prepare("warming up the model", self.runner.warmup):
+            return
+        log.info("ready in %.2f s on %s, %d credit(s)", time.monotonic() - started, self.runner.where,
+                 self.runner.capacity)
+        self._set_state("ready")
         while self._serve_once():
             pass
 
+    def _prepare(self, what: str, action: Callable[[], None]) -> bool:
+        """Load, warm up or rebuild; False (and the engine stopped) if it failed."""
+        try:
+            action()
+            self.report = self.runner.load_report()
+            return True
+        except Exception as exc:
+            log.exception("%s failed", what)
+            # A poisoned context may load fine in a new process; anything else will fail again.
+            kind = classify(exc)
+            self._emit(self._fail_active(ErrorCode.CONTEXT_POISONED if kind is Failure.CONTEXT_POISONED
+                                         else ErrorCode.INTERNAL, f"{what} failed: {describe(exc)}"))
+            self._stop_with(kind if kind is Failure.CONTEXT_POISONED else Failure.UNRECOVERABLE, exc)
+            return False
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self._wake()  # the main thread reports a new state at once
+
     def _serve_once(self) -> bool:
-        wait = self.runner.next_step_in()
+        wait = 0.0 if self._rebuild_due() else self.runner.next_step_in()
         if wait is None or wait > 0:
             try:
                 command = self.commands.get(timeout=wait)
@@ -91,6 +117,8 @@ class Engine(threading.Thread):
                 break
             if not self._apply(command):
                 return False
+        if self._rebuild_due():
+            return self._rebuild()
         wait = self.runner.next_step_in()
         if wait is not None and wait <= 0:
             return self._step()
@@ -100,14 +128,41 @@ class Engine(threading.Thread):
         kind, arg = command
         if kind == ADMIT:
             self._active.add(arg.rid)
-            self.runner.admit(arg)
+            if self._rebuild_requested:
+                self._deferred[arg.rid] = arg
+            else:
+                self.runner.admit(arg)
         elif kind == CANCEL:
             if arg in self._active:
                 self._active.discard(arg)
-                self.runner.cancel(arg)
+                if self._deferred.pop(arg, None) is None:
+                    self.runner.cancel(arg)
                 self._emit([Output(arg, error=ErrorCode.CANCELLED, message="cancelled")])
+        elif kind == REBUILD:
+            if not self._rebuild_requested:
+                log.info("rebuild requested: finishing %d running request(s) first", len(self._active))
+                self._rebuild_requested = True
+                self._set_state("rebuilding")
         else:
             return False
+        return True
+
+    def _rebuild_due(self) -> bool:
+        """A rebuild was asked for and every request the runner holds has finished."""
+        return self._rebuild_requested and len(self._active) == len(self._deferred)
+
+    def _rebuild(self) -> bool:
+        started = time.monotonic()
+        if not self._prepare("rebuilding the model session", self.runner.rebuild):
+            return False
+        self._rebuild_requested = False
+        self.rebuilds += 1
+        log.info("model session rebuilt in %.2f s; %d waiting request(s) start now",
+                 time.monotonic() - started, len(self._deferred))
+        for request in self._deferred.values():
+            self.runner.admit(request)
+        self._deferred.clear()
+        self._set_state("ready")
         return True
 
     def _step(self) -> bool:
@@ -116,7 +171,6 @@ class Engine(threading.Thread):
             outputs = self.runner.step()
         except Exception as exc:
             return self._on_step_failure(exc)
-        self.last_progress = time.monotonic()
         self.report = self.runner.load_report()
         for out in outputs:
             if out.final:
@@ -131,7 +185,7 @@ class Engine(threading.Thread):
         if decide(kind) is Directive.RESUME:
             log.warning("out of memory in a step: failing its %d request(s) and carrying on: %s",
                         len(self._active), message)
-            self._emit(self._fail_active(ErrorCode.OUT_OF_MEMORY, message, forget=True))
+            self._emit(self._fail_running(ErrorCode.OUT_OF_MEMORY, message))
             self.resumes += 1
             try:
                 self.runner.release_memory()
@@ -143,8 +197,7 @@ class Engine(threading.Thread):
         else:
             log.exception("the runner failed (%s)", kind.value)
         self._emit(self._fail_active(
-            ErrorCode.CONTEXT_POISONED if kind is Failure.CONTEXT_POISONED else ErrorCode.INTERNAL, message,
-            forget=False))
+            ErrorCode.CONTEXT_POISONED if kind is Failure.CONTEXT_POISONED else ErrorCode.INTERNAL, message))
         self._stop_with(kind, exc)
         return False
 
@@ -153,17 +206,23 @@ class Engine(threading.Thread):
         here touches the device again: a poisoned context can hang a synchronize."""
         self.failure = kind
         self.failure_message = describe(exc)
-        self.state = "poisoned" if kind is Failure.CONTEXT_POISONED else "failed"
-        self._wake()
+        self._set_state("poisoned" if kind is Failure.CONTEXT_POISONED else "failed")
 
-    def _fail_active(self, code: ErrorCode, message: str, *, forget: bool) -> list[Output]:
-        """Fail every active request; ``forget`` also drops them from the runner (only
-        when it carries on: cancelling frees device memory, unsafe on a poisoned context)."""
+    def _fail_running(self, code: ErrorCode, message: str) -> list[Output]:
+        """Fail the requests the runner holds (a failed step's) and drop them from it;
+        requests waiting for a rebuild were not in the step and keep waiting."""
+        running = [rid for rid in self._active if rid not in self._deferred]
+        for rid in running:
+            self.runner.cancel(rid)
+            self._active.discard(rid)
+        return [Output(rid, error=code, message=message) for rid in running]
+
+    def _fail_active(self, code: ErrorCode, message: str) -> list[Output]:
+        """Fail every request, for an engine that stops. The runner is not touched:
+        cancelling frees device memory, unsafe on a poisoned context."""
         failed = [Output(rid, error=code, message=message) for rid in self._active]
-        if forget:
-            for rid in self._active:
-                self.runner.cancel(rid)
         self._active.clear()
+        self._deferred.clear()
         return failed
 
     def _emit(self, outputs: list[Output]) -> None:

@@ -61,6 +61,7 @@ class Worker:
 
         spec = runtimes.SPECS[self.deployment.runtime]
         runner = spec.load_runner_class()(self.deployment.options, devices, self.deployment.max_concurrency)
+        self.capacity = runner.capacity  # the credits this worker offers when ready
         self.engine = Engine(runner, self._wake)
 
     def _wake(self) -> None:
@@ -107,8 +108,9 @@ class Worker:
 
     def _load(self) -> dict[str, Any]:
         ready = self.engine.state == "ready"
-        return {"state": self.engine.state, "credits": self.deployment.max_concurrency if ready else 0,
-                "in_flight": len(self.in_flight), "resumes": self.engine.resumes, "runner": self.engine.report}
+        return {"state": self.engine.state, "credits": self.capacity if ready else 0,
+                "in_flight": len(self.in_flight), "resumes": self.engine.resumes, "rebuilds": self.engine.rebuilds,
+                "runner": self.engine.report}
 
     # --- loop ------------------------------------------------------------------------------
 
@@ -171,7 +173,7 @@ class Worker:
             self.broker_seen = time.monotonic()
             try:
                 command, body = P.decode(P.WORKER, frames, frozenset({P.REQUEST, P.CANCEL, P.HEARTBEAT,
-                                                                      P.DISCONNECT}))
+                                                                      P.DISCONNECT, P.REBUILD}))
             except P.ProtocolError as exc:
                 log.error("malformed message from the broker: %s", exc.reason)
                 continue
@@ -179,12 +181,15 @@ class Worker:
                 self._admit(body)
             elif command == P.CANCEL:
                 self.engine.cancel(body.get("rid"))
+            elif command == P.REBUILD:
+                self.engine.rebuild()
             elif command == P.DISCONNECT:
                 return self.reconnect(f"the broker said DISCONNECT ({body.get('reason', '')})")
 
     def _admit(self, body: dict[str, Any]) -> None:
         rid = body.get("rid")
-        if self.engine.state != "ready" or len(self.in_flight) >= self.deployment.max_concurrency:
+        # A request that crossed a REBUILD on the wire is taken: the engine holds it until the rebuild is done.
+        if self.engine.state not in ("ready", "rebuilding") or len(self.in_flight) >= self.capacity:
             # The broker never sends more than our credits; if it does, say so rather than overcommit.
             self.send(P.ERROR, {"rid": rid, **P.error_body(None, ErrorCode.INTERNAL, "worker has no free credit")})
             return
