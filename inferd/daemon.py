@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from inferd import __version__, exitcodes
+from inferd import __version__, exitcodes, runtimes
 from inferd.config import Config, ConfigError, load
 from inferd.devices import DeviceSource, discover
 from inferd.paths import Endpoints, RuntimeDirBusy, RuntimeDirError, default_runtime_dir, lock, prepare
@@ -30,6 +30,18 @@ def plan_node(config: Config) -> tuple[DeviceSource, Planner, list[WorkerPlan]]:
     node = config.node.name
     planner = Planner(config, [Node(node, tuple(source.devices), config.node.egress)])
     return source, planner, planner.plan(on_node(node, source.stats()))
+
+
+def missing_runtime_modules(config: Config) -> list[str]:
+    """One line per deployment whose runtime's packages are not installed: its workers will fail."""
+    problems = []
+    for dep in config.deployments:
+        spec = runtimes.SPECS[dep.runtime]
+        missing = spec.missing_modules()
+        if missing:
+            problems.append(f"deployment {dep.name}: runtime {dep.runtime} needs {', '.join(missing)}, "
+                            f"not installed ({spec.install_hint}); its workers will fail")
+    return problems
 
 
 def policy(config: Config, plans: list[WorkerPlan]) -> SupervisionPolicy:
@@ -68,6 +80,10 @@ def main(config_path: str, runtime_dir: str | None, log_level: str | None, check
     except PlacementError as exc:
         click.echo(f"inferd: cannot place {config_path}: {type(exc).__name__}: {exc}", err=True)
         sys.exit(exitcodes.CONFIG)
+    for problem in missing_runtime_modules(config):
+        log.warning("%s", problem)
+        if check:
+            click.echo(f"warning: {problem}", err=True)
     if check:
         click.echo(f"{config_path}: OK ({source.note})")
         for p in plans:

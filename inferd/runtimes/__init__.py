@@ -10,6 +10,7 @@ runtime imports torch). So each runtime is described here by a light
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,13 @@ class RuntimeSpec:
     # "local": runs on a device of its node (a GPU, or a CPU device when there is none);
     # "remote": calls a network provider, needs egress and no device.
     transport: str = "local"
+    # Modules the runner imports that inferd itself does not require (an extra's packages).
+    requires: tuple[str, ...] = ()
+    install_hint: str = ""
+
+    def missing_modules(self) -> list[str]:
+        """The required modules that are not installed; found without importing them."""
+        return [name for name in self.requires if importlib.util.find_spec(name) is None]
 
     def load_runner_class(self) -> type:
         module, _, attr = self.runner.partition(":")
@@ -101,6 +109,8 @@ SPECS: dict[str, RuntimeSpec] = {
         },
         gated={"fault": "fault_injection"},
         chunk_joiner="",
+        requires=("torch", "safetensors"),
+        install_hint="pip install 'inferd[torch]'",
     ),
 }
 

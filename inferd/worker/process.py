@@ -233,6 +233,11 @@ def main() -> None:
     if visible != expected:
         log.error("CUDA_VISIBLE_DEVICES is %r, expected %r; refusing to run on the wrong device", visible, expected)
         sys.exit(exitcodes.WORKER_UNRECOVERABLE)
+    runtime = runtimes.SPECS[config.deployment(spec["deployment"]).runtime]
+    missing = runtime.missing_modules()
+    if missing:  # it would fail the same way after every restart
+        log.error("the %s runtime needs %s, not installed (%s)", runtime.name, ", ".join(missing), runtime.install_hint)
+        sys.exit(exitcodes.WORKER_UNRECOVERABLE)
     pinned = ("no device (remote runtime)" if not devices else
               "CPU device, no GPU visible" if expected == "" else f"GPU {expected}")
     log.info("worker %s starting: deployment=%s devices=%s (%s)", spec["worker"], spec["deployment"],
