@@ -79,8 +79,13 @@ class Engine(threading.Thread):
         log.info("ready in %.2f s on %s, %d credit(s)", time.monotonic() - started, self.runner.where,
                  self.runner.capacity)
         self._set_state("ready")
-        while self._serve_once():
-            pass
+        while True:
+            try:
+                if not self._serve_once():
+                    return
+            except Exception as exc:  # a runner's admit or cancel failed: treated like a failed step
+                if not self._on_step_failure(exc):
+                    return
 
     def _prepare(self, what: str, action: Callable[[], None]) -> bool:
         """Load, warm up or rebuild; False (and the engine stopped) if it failed."""
@@ -91,9 +96,9 @@ class Engine(threading.Thread):
         except Exception as exc:
             log.exception("%s failed", what)
             # A poisoned context may load fine in a new process; anything else will fail again.
+            # Requests held for a rebuild get no answer here: none has started, so the broker
+            # re-queues them for another worker when this one is gone.
             kind = classify(exc)
-            self._emit(self._fail_active(ErrorCode.CONTEXT_POISONED if kind is Failure.CONTEXT_POISONED
-                                         else ErrorCode.INTERNAL, f"{what} failed: {describe(exc)}"))
             self._stop_with(kind if kind is Failure.CONTEXT_POISONED else Failure.UNRECOVERABLE, exc)
             return False
 
