@@ -856,6 +856,79 @@ def test_readiness_reported_to_supervisor():
 # --- heartbeats --------------------------------------------------------------------------------
 
 
+def test_rebuild_stops_dispatch_until_the_worker_is_ready_again():
+    h = Harness(max_concurrency=2, watchdog_s=5.0)
+    h.ready("echo-0", credits=2)
+    h.ready("echo-1", credits=2)
+    h.take()
+    h.submit("A")
+    (running_on, rid, _), = h.requests_sent(h.take())
+    asked = h.core.rebuild("echo")
+    assert asked == {"echo-0": 0, "echo-1": 0}
+    msgs = h.take()
+    assert sorted((m[1], m[2]) for m in msgs if m[0] == "worker") == [("echo-0", P.REBUILD), ("echo-1", P.REBUILD)]
+    assert {w.state for w in h.core.workers.values()} == {"rebuilding"}
+    # Rebuilding workers get nothing: new requests wait in the queue.
+    h.submit("B")
+    assert h.requests_sent(h.take()) == []
+    assert h.metrics()["queued"] == 1
+    # The running request still finishes normally.
+    h.done(running_on, rid)
+    assert [c for _, c, _ in h.to_clients(h.take())] == [P.DONE]
+    # A rebuild is not a hang, however long it takes: a request that crossed the REBUILD
+    # on the wire waits in the worker with no output, past the watchdog.
+    h.worker("echo-1", P.HEARTBEAT, state="ready", credits=2, in_flight=0)  # a heartbeat sent before REBUILD
+    (crossed_on, crossed, _), = h.requests_sent(h.take())
+    assert crossed_on == "echo-1"
+    h.worker("echo-1", P.HEARTBEAT, state="rebuilding", credits=0, in_flight=1)
+    h.clock.advance(20)
+    h.worker("echo-0", P.HEARTBEAT, state="rebuilding", credits=0, in_flight=0)
+    h.worker("echo-1", P.HEARTBEAT, state="rebuilding", credits=0, in_flight=1)
+    h.core.tick()
+    assert not [m for m in h.take() if m[2] == P.UNRESPONSIVE]
+    assert set(h.core.workers) == {"echo-0", "echo-1"}
+    # Back to ready with one more rebuild: the next request is dispatched there.
+    h.worker("echo-0", P.HEARTBEAT, state="ready", credits=2, in_flight=0, rebuilds=1)
+    h.submit("C")
+    (w, _, _), = h.requests_sent(h.take())
+    assert w == "echo-0" and h.core.workers["echo-0"].rebuilds == 1
+    h.done("echo-1", crossed)
+    assert [c for _, c, _ in h.to_clients(h.take())] == [P.DONE]
+
+
+def test_rebuild_skips_loading_workers_and_unknown_deployment_raises():
+    h = Harness()
+    h.ready("echo-0", credits=2, state="loading")
+    h.ready("echo-1", credits=2)
+    h.take()
+    assert h.core.rebuild("echo") == {"echo-1": 0}
+    with pytest.raises(KeyError):
+        h.core.rebuild("nope")
+
+
+def test_failure_reported_before_exit_stays_in_status():
+    h = Harness()
+    h.ready("echo-0", credits=2)
+    h.core.on_supervisor([P.SUPERVISOR, P.WORKERS, P.pack({"workers": [
+        {"id": "echo-0", "deployment": "echo", "pid": h.pids["echo-0"], "state": "running", "restarts": 0,
+         "last_exit": None}]})])
+    h.worker("echo-0", P.HEARTBEAT, state="failed", credits=0, in_flight=0, failure="unrecoverable",
+             reason="UnrecoverableError: weights file /x.safetensors: no such file")
+    h.exited("echo-0", status=3)
+    h.core.on_supervisor([P.SUPERVISOR, P.WORKERS, P.pack({"workers": [
+        {"id": "echo-0", "deployment": "echo", "pid": 0, "state": "failed", "restarts": 0,
+         "last_exit": "unrecoverable (status 3)"}]})])
+    row, = h.core.status()["workers"]
+    assert row["state"] == "failed" and "weights file /x.safetensors" in row["failure"]
+    # A new registration starts clean.
+    h.ready("echo-0", credits=2)
+    h.core.on_supervisor([P.SUPERVISOR, P.WORKERS, P.pack({"workers": [
+        {"id": "echo-0", "deployment": "echo", "pid": h.pids["echo-0"], "state": "running", "restarts": 0,
+         "last_exit": None}]})])
+    row, = h.core.status()["workers"]
+    assert row["failure"] is None
+
+
 def test_heartbeat_expiry_loses_worker_and_disconnects():
     h = Harness(broker={"heartbeat_interval_ms": 100, "heartbeat_liveness": 3})
     h.ready("echo-0", credits=1)

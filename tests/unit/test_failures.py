@@ -146,6 +146,14 @@ def test_runtime_error_cuda_out_of_memory_message():
     assert classify(RuntimeError("CUDA error: out of memory")) is Failure.OUT_OF_MEMORY
 
 
+def test_cpu_allocator_failure_is_out_of_memory():
+    # A CPU worker out of host memory: the very exception torch raises, not a hand-written message.
+    with pytest.raises(RuntimeError) as err:
+        torch.empty(1 << 60, dtype=torch.uint8)
+    assert classify(err.value) is Failure.OUT_OF_MEMORY
+    assert classify(RuntimeError("can't allocate the thing")) is Failure.UNKNOWN
+
+
 # --- not poisoned -------------------------------------------------------------------------------
 
 
