@@ -109,7 +109,7 @@ SPECS: dict[str, RuntimeSpec] = {
         },
         gated={"fault": "fault_injection"},
         chunk_joiner="",
-        requires=("torch", "safetensors"),
+        requires=("torch", "safetensors", "numpy"),
         install_hint="pip install 'inferd[torch]'",
     ),
 }

@@ -25,22 +25,18 @@ import importlib
 import logging
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-# torch warns at import when numpy is absent; inferd does not use numpy.
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+import torch
 
-import torch  # noqa: E402
-
-from inferd.errors import ErrorCode  # noqa: E402
-from inferd.failures import ContextPoisonedError, UnrecoverableError  # noqa: E402
-from inferd.models.interface import CausalLM  # noqa: E402
-from inferd.protocol import FINISH_LENGTH, FINISH_STOP  # noqa: E402
-from inferd.runtimes import TORCH_MODELS  # noqa: E402
-from inferd.runtimes.base import ModelRunner, Output, RunRequest  # noqa: E402
-from inferd.runtimes.textstream import TextStream  # noqa: E402
+from inferd.errors import ErrorCode
+from inferd.failures import ContextPoisonedError, UnrecoverableError
+from inferd.models.interface import CausalLM
+from inferd.protocol import FINISH_LENGTH, FINISH_STOP
+from inferd.runtimes import TORCH_MODELS
+from inferd.runtimes.base import ModelRunner, Output, RunRequest
+from inferd.runtimes.textstream import TextStream
 
 log = logging.getLogger("inferd.worker")
 

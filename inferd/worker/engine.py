@@ -142,6 +142,7 @@ class Engine(threading.Thread):
                 self._active.discard(arg)
                 if self._deferred.pop(arg, None) is None:
                     self.runner.cancel(arg)
+                    self.report = self.runner.load_report()  # the slot it freed shows at once
                 self._emit([Output(arg, error=ErrorCode.CANCELLED, message="cancelled")])
         elif kind == REBUILD:
             if not self._rebuild_requested:
@@ -196,6 +197,7 @@ class Engine(threading.Thread):
                 self.runner.release_memory()
             except Exception:
                 log.exception("releasing memory after an out-of-memory step failed")
+            self.report = self.runner.load_report()
             return True
         if kind is Failure.CONTEXT_POISONED:
             log.error("the device context is poisoned: %s", message)
