@@ -92,6 +92,7 @@ class _Block(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.heads = cfg.n_heads
+        self.scale = (d // cfg.n_heads) ** -0.5
         self.ln1 = nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
@@ -123,8 +124,13 @@ class _Block(nn.Module):
         k_cache, v_cache = cache.k[layer], cache.v[layer]                      # [slots, heads, T, head_dim]
         k_cache[cache.slots, :, positions] = k.transpose(0, 1)
         v_cache[cache.slots, :, positions] = v.transpose(0, 1)
-        att = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(2), k_cache, v_cache, attn_mask=mask)
-        return self._mlp(x + self.proj(att.reshape(s, -1)))
+        # Plain batched matmuls, not scaled_dot_product_attention: its fused CPU kernel splits
+        # the slots among threads and rounds a slot differently depending on which thread it
+        # falls to, and fused GPU kernels split the cache by batch size (flash-decoding).
+        # A batched matmul computes every slot the same way.
+        scores = q.transpose(0, 1).unsqueeze(2) @ k_cache.transpose(-1, -2) * self.scale  # [slots, heads, 1, T]
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), -1).to(v_cache.dtype)
+        return self._mlp(x + self.proj((weights @ v_cache).reshape(s, -1)))
 
 
 class TinyLM(nn.Module):
@@ -208,7 +214,7 @@ def build(*, device: torch.device, dtype: torch.dtype, weights: str | None = Non
     if weights:
         tensors, metadata = weights_io.read(weights)
         model = TinyLM(TinyConfig.from_metadata(metadata, weights))
-        load_weights(model, {k: v.float() for k, v in tensors.items()}, weights)
+        load_weights(model, tensors, weights)
     else:
         model = TinyLM(TinyConfig())
         init_weights(model, seed)

@@ -96,8 +96,8 @@ SPECS: dict[str, RuntimeSpec] = {
             "fault": Param(str, f"one of {', '.join(TORCH_FAULTS)}", lambda v: v in TORCH_FAULTS),
         },
         options={
-            "model": Param(str, f"a built-in model ({', '.join(TORCH_MODELS)}) or a factory \"package.module:callable\"",
-                           lambda v: v in TORCH_MODELS or _is_factory(v)),
+            "model": Param(str, f"a built-in model ({', '.join(TORCH_MODELS)}) or a factory "
+                                "\"package.module:callable\"", lambda v: v in TORCH_MODELS or _is_factory(v)),
             "weights": Param(str, "a path to a .safetensors, .pt or .pth file", lambda v: len(v) > 0),
             "seed": Param(int, "an integer between 0 and 2**63 - 1", lambda v: 0 <= v < 2**63),
             "dtype": Param(str, f"one of {', '.join(TORCH_DTYPES)}", lambda v: v in TORCH_DTYPES),

@@ -45,6 +45,15 @@ class Output:
         return self.finish_reason is not None or self.error is not None
 
 
+class RequestRejected(Exception):
+    """Raised by :meth:`ModelRunner.admit` for a request it can never serve (a prompt
+    longer than the model's context): that request alone fails with ``code``."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 class ModelRunner(abc.ABC):
     def __init__(self, options: dict[str, Any], devices: tuple[Device, ...], capacity: int):
         self.options = options
@@ -63,7 +72,8 @@ class ModelRunner(abc.ABC):
 
     @abc.abstractmethod
     def admit(self, request: RunRequest) -> None:
-        """Take a request; its outputs come from later steps. Never more than ``capacity`` at once."""
+        """Take a request; its outputs come from later steps. Never more than ``capacity`` at once.
+        Raises :class:`RequestRejected` for a request that can never be served."""
 
     @abc.abstractmethod
     def cancel(self, rid: int) -> None:

@@ -35,7 +35,7 @@ from inferd.failures import ContextPoisonedError, UnrecoverableError
 from inferd.models.interface import CausalLM
 from inferd.protocol import FINISH_LENGTH, FINISH_STOP
 from inferd.runtimes import TORCH_MODELS
-from inferd.runtimes.base import ModelRunner, Output, RunRequest
+from inferd.runtimes.base import ModelRunner, Output, RequestRejected, RunRequest
 from inferd.runtimes.textstream import TextStream
 
 log = logging.getLogger("inferd.worker")
@@ -92,7 +92,6 @@ class TorchRunner(ModelRunner):
         self._slots: list[_Sequence | None] = [None] * self.capacity
         self._free = list(range(self.capacity - 1, -1, -1))  # pop() takes the lowest slot
         self._by_rid: dict[int, _Sequence] = {}
-        self._early: list[Output] = []     # answers due before any compute (a prompt too long)
         self._tokens = torch.zeros(self.capacity, dtype=torch.long)
         self._positions = torch.zeros(self.capacity, dtype=torch.long)
 
@@ -176,10 +175,9 @@ class TorchRunner(ModelRunner):
         prompt = self.model.tokenizer.encode(request.prompt)
         room = self.model.max_seq_len - len(prompt) + 1  # the last token sampled needs no cache slot
         if not prompt or room < 1:
-            self._early.append(Output(request.rid, error=ErrorCode.BAD_REQUEST, message=(
+            raise RequestRejected(ErrorCode.BAD_REQUEST, (
                 f"the prompt is {len(prompt)} tokens; this model's context is {self.model.max_seq_len}"
-                if prompt else "the prompt is empty")))
-            return
+                if prompt else "the prompt is empty"))
         temperature = float(params.get("temperature", 0.0))
         generator = None
         if temperature > 0:
@@ -208,8 +206,8 @@ class TorchRunner(ModelRunner):
         self._free.sort(reverse=True)
 
     def next_step_in(self) -> float | None:
-        if self._early or len(self._free) < self.capacity:
-            return 0.0   # something to answer, or sequences generating: no waiting
+        if len(self._free) < self.capacity:
+            return 0.0   # sequences generating: no waiting
         if not self._pending:
             return None
         if len(self._pending) >= self.capacity:
@@ -219,7 +217,7 @@ class TorchRunner(ModelRunner):
     # --- one iteration -----------------------------------------------------------------------
 
     def step(self) -> list[Output]:
-        outputs, self._early = self._early, []
+        outputs = []
         decoding = [seq for seq in self._slots if seq is not None]
         joining = []
         while self._pending and self._free:

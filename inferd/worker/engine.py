@@ -29,7 +29,7 @@ from typing import Any, Callable
 from inferd.errors import ErrorCode
 from inferd.failures import Failure, classify, describe
 from inferd.restart import Directive, decide
-from inferd.runtimes.base import ModelRunner, Output, RunRequest
+from inferd.runtimes.base import ModelRunner, Output, RequestRejected, RunRequest
 
 log = logging.getLogger("inferd.worker")
 
@@ -136,7 +136,7 @@ class Engine(threading.Thread):
             if self._rebuild_requested:
                 self._deferred[arg.rid] = arg
             else:
-                self.runner.admit(arg)
+                self._admit(arg)
         elif kind == CANCEL:
             if arg in self._active:
                 self._active.discard(arg)
@@ -153,6 +153,13 @@ class Engine(threading.Thread):
             return False
         return True
 
+    def _admit(self, request: RunRequest) -> None:
+        try:
+            self.runner.admit(request)
+        except RequestRejected as exc:
+            self._active.discard(request.rid)
+            self._emit([Output(request.rid, error=exc.code, message=str(exc))])
+
     def _rebuild_due(self) -> bool:
         """A rebuild was asked for and every request the runner holds has finished."""
         return self._rebuild_requested and len(self._active) == len(self._deferred)
@@ -166,7 +173,7 @@ class Engine(threading.Thread):
         log.info("model session rebuilt in %.2f s; %d waiting request(s) start now",
                  time.monotonic() - started, len(self._deferred))
         for request in self._deferred.values():
-            self.runner.admit(request)
+            self._admit(request)
         self._deferred.clear()
         self._set_state("ready")
         return True

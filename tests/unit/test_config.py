@@ -49,7 +49,11 @@ def test_shipped_config_loads():
     assert cfg.broker.heartbeat_liveness == 4
     assert cfg.daemon.drain_grace_s == 30.0
     assert cfg.devices.cpu_devices == 1
-    assert [d.name for d in cfg.deployments] == ["echo"]
+    assert [d.name for d in cfg.deployments] == ["echo", "tiny"]
+    tiny = cfg.deployment("tiny")
+    assert tiny.runtime == "torch" and tiny.max_concurrency == 16
+    assert tiny.options == {"model": "tiny", "seed": 0, "dtype": "float32", "max_batch_size": 16,
+                            "max_batch_delay_ms": 2}
 
 
 def test_defaults():
