@@ -286,8 +286,6 @@ def inprocess_main(spec: dict[str, Any]) -> None:
     """The same model and requests with no daemon: a plain loop, and a TorchRunner.
 
     Prints one JSON object: for each case, tokens/s, seconds, CPU seconds and steps."""
-    import warnings
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
 
     from inferd.devices import Device
@@ -296,8 +294,6 @@ def inprocess_main(spec: dict[str, Any]) -> None:
     from inferd.runtimes.torch_runtime import TorchRunner
 
     device = torch.device("cuda", 0) if spec["device"] == "cuda" else torch.device("cpu")
-    if spec.get("cpu_threads") and device.type == "cpu":
-        torch.set_num_threads(spec["cpu_threads"])  # as the worker does with options.cpu_threads
     max_tokens = spec["max_tokens"]
     texts = prompts(256)
     results: dict[str, Any] = {"threads": torch.get_num_threads()}
@@ -377,6 +373,8 @@ def inprocess_main(spec: dict[str, Any]) -> None:
     for slots in {spec["batch"], 1}:
         plain(slots, slots, slots, texts[-slots:])
     for case in spec["cases"]:
+        if device.type == "cpu":  # as the worker does: options.cpu_threads, else all cores but one
+            torch.set_num_threads(case.get("threads") or spec["cpu_threads"])
         fn = plain if case["kind"] == "plain" else runner
         results[case["name"]] = fn(case["slots"], case["concurrency"], case["requests"], texts)
     print(json.dumps(results))
@@ -391,7 +389,12 @@ def measure_inprocess(s: Settings, device: str, batch: int, workdir: Path, cpu_t
                       "requests": top * s.per_stream(top)})
         cases.append({"name": f"{kind}_unbatched", "kind": kind, "slots": 1, "concurrency": 1,
                       "requests": s.inprocess_unbatched})
-    spec = {"device": device, "max_tokens": s.max_tokens, "batch": batch, "cases": cases, "cpu_threads": cpu_threads}
+    # The same plain loop given every core, which the worker does not take by default.
+    cases.append({**cases[0], "name": "plain_batched_all_cores", "threads": len(os.sched_getaffinity(0))})
+    from inferd.runtimes.torch_runtime import default_cpu_threads
+
+    spec = {"device": device, "max_tokens": s.max_tokens, "batch": batch, "cases": cases,
+            "cpu_threads": cpu_threads or default_cpu_threads()}
     log = workdir / "inprocess.log"
     with open(log, "ab") as err:
         proc = subprocess.run([sys.executable, __file__, "--inprocess", json.dumps(spec)],
@@ -442,7 +445,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where the model runs; the daemon places on a GPU when NVML finds one")
     parser.add_argument("--cpu-threads", type=int, metavar="N",
                         help="torch threads on a CPU device (the worker's options.cpu_threads, and the in-process "
-                             "loop's); default: torch's, all cores")
+                             "loop's); default: the runtime's, all cores but one")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as JSON")
     parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs and print where")
     parser.add_argument("--inprocess", help=argparse.SUPPRESS)  # internal: the in-process subprocess
@@ -571,7 +574,8 @@ def main() -> None:
     print(f"in-process, same model and requests, no daemon (medians of {s.repeats}):")
     rows = [["loop", "slots", "streams", "tokens/s", "ms/step"]]
     for k, slots, streams in (("plain_batched", BATCH, top), ("runner_batched", BATCH, top),
-                              ("plain_unbatched", 1, 1), ("runner_unbatched", 1, 1)):
+                              ("plain_unbatched", 1, 1), ("runner_unbatched", 1, 1),
+                              ("plain_batched_all_cores", BATCH, top)):
         rows.append([k.replace("_", " "), str(slots), str(streams), fmt(inproc[k]["tokens_per_s"]),
                      fmt(inproc[k]["ms_per_step"], 2)])
     print(render(rows))
@@ -592,6 +596,9 @@ def main() -> None:
           f"{plain_u['tokens_per_s']:,.0f} = {unbatched['tokens_per_s'] / plain_u['tokens_per_s']:.2f}x, "
           f"/ TorchRunner {runner_u['tokens_per_s']:,.0f} = "
           f"{unbatched['tokens_per_s'] / runner_u['tokens_per_s']:.2f}x")
+    all_cores = inproc["plain_batched_all_cores"]["tokens_per_s"]
+    print(f"  against the plain loop on all {len(os.sched_getaffinity(0))} cores ({all_cores:,.0f} tokens/s, "
+          f"with nothing else to run): {batched['tokens_per_s'] / all_cores:.2f}x")
     print(f"total time {elapsed:.0f} s")
 
     if args.json:

@@ -7,9 +7,10 @@ options) is called once per load, in the worker, after its device is pinned::
 
 The runtime owns scheduling; the model owns arithmetic. The cache has a
 fixed number of slots (the batch size) and a fixed length (``max_seq_len``),
-and :meth:`CausalLM.decode` always runs over every slot: the shapes of a
-decode step never depend on which requests share it, so a request's output
-does not either (see ``docs/architecture.md``, "Batching").
+and :meth:`CausalLM.decode` runs over every slot: no computation a request
+takes part in may depend on which other requests share the step, so a
+request's output does not either (see ``docs/architecture.md``, "Batch
+invariance").
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class CausalLM(Protocol):
     def prefill(self, tokens: "torch.Tensor", cache: Any, slot: int) -> "torch.Tensor":
         """Run a prompt (``[L]`` token ids) into ``slot``; the logits ``[vocab]`` of its last position."""
 
-    def decode(self, tokens: "torch.Tensor", positions: "torch.Tensor", cache: Any) -> "torch.Tensor":
+    def decode(self, tokens: "torch.Tensor", positions: "torch.Tensor", cache: Any,
+               live: list[int] | None = None) -> "torch.Tensor":
         """One token for every slot (``[slots]`` ids at ``[slots]`` positions); logits ``[slots, vocab]``.
-        A row's result must depend only on that slot's tokens and cache."""
+        A row's result must depend only on that slot's tokens and cache. ``live`` names the slots
+        whose rows matter (None: all); a model may skip work for the others."""

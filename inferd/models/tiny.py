@@ -12,9 +12,11 @@ tied input and output embeddings, plus an output bias. Seeded weights are
 untrained, so the text is meaningless; the output bias starts as a prior
 over English characters, so it is at least printable (random bytes would
 include terminal escape sequences). The cache is slot-based (see
-:mod:`inferd.models.interface`): decode attends over the whole fixed-length
-slot with a mask, so neither padding nor the other slots' lengths change
-a sequence's arithmetic.
+:mod:`inferd.models.interface`): the linear layers of a decode step run over
+every slot, and each slot attends over its whole fixed-length cache with a
+mask, so neither padding nor the other slots' lengths change a sequence's
+arithmetic. Attention runs over the slots up to the highest live one only:
+slots are taken lowest first, so a lightly loaded batch reads little cache.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ class _Block(nn.Module):
 
     def decode(self, x: torch.Tensor, cache: KVCache, layer: int, positions: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:
-        s = x.shape[0]
+        """``mask``: ``[n, 1, 1, T]`` for slots ``0..n-1``, the only ones that attend."""
+        s, n = x.shape[0], mask.shape[0]
         q, k, v = self._qkv(x)
         k_cache, v_cache = cache.k[layer], cache.v[layer]                      # [slots, heads, T, head_dim]
         k_cache[cache.slots, :, positions] = k.transpose(0, 1)
@@ -127,10 +130,13 @@ class _Block(nn.Module):
         # Plain batched matmuls, not scaled_dot_product_attention: its fused CPU kernel splits
         # the slots among threads and rounds a slot differently depending on which thread it
         # falls to, and fused GPU kernels split the cache by batch size (flash-decoding).
-        # A batched matmul computes every slot the same way.
-        scores = q.transpose(0, 1).unsqueeze(2) @ k_cache.transpose(-1, -2) * self.scale  # [slots, heads, 1, T]
+        # A batched matmul computes each slot on its own, the same way whatever n is.
+        q = q.transpose(0, 1)[:n].unsqueeze(2)                                 # [n, heads, 1, head_dim]
+        scores = q @ k_cache[:n].transpose(-1, -2) * self.scale                # [n, heads, 1, T]
         weights = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), -1).to(v_cache.dtype)
-        return self._mlp(x + self.proj((weights @ v_cache).reshape(s, -1)))
+        out = x.new_zeros(s, x.shape[1])
+        out[:n] = (weights @ v_cache[:n]).reshape(n, -1)
+        return self._mlp(x + self.proj(out))
 
 
 class TinyLM(nn.Module):
@@ -162,10 +168,13 @@ class TinyLM(nn.Module):
         return self._logits(x[-1:])[0]
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+               live: list[int] | None = None) -> torch.Tensor:
         x = self.tok(tokens) + self.pos(positions)
-        # Every slot attends over the whole fixed-length cache, masked past its own position.
-        mask = (cache.span <= positions[:, None]).view(tokens.shape[0], 1, 1, -1)
+        # Slots up to the highest live one attend, each over the whole fixed-length cache,
+        # masked past its own position.
+        n = tokens.shape[0] if live is None else max(live, default=-1) + 1
+        mask = (cache.span <= positions[:n, None]).view(n, 1, 1, -1)
         for i, block in enumerate(self.blocks):
             x = block.decode(x, cache, i, positions, mask)
         return self._logits(x)

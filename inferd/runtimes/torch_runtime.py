@@ -23,6 +23,7 @@ import collections
 import gc
 import importlib
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -43,6 +44,14 @@ log = logging.getLogger("inferd.worker")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_TOKENS = 128
 DEFAULT_BATCH_DELAY_MS = 2
+
+
+def default_cpu_threads() -> int:
+    """torch's threads on a CPU device unless ``cpu_threads`` says otherwise: every core this
+    process may use but one. The broker, this worker's I/O thread and local clients need a core,
+    and torch's threads wait for each other at every op, so one preempted thread stalls them all:
+    on 2 cores, 2 threads served no more tokens/s than 1, at twice the CPU."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 @dataclass(slots=True)
@@ -100,13 +109,14 @@ class TorchRunner(ModelRunner):
     def load(self) -> None:
         self.device = self._pick_device()
         dtype = self._pick_dtype()
-        if self.device.type == "cpu" and "cpu_threads" in self.options:
-            torch.set_num_threads(self.options["cpu_threads"])
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.options.get("cpu_threads", default_cpu_threads()))
         name = self.options.get("model", "tiny")
         weights = self.options.get("weights")
         source = f"weights {weights}" if weights else f"seed {self.options.get('seed', 0)}"
-        log.info("loading model %s (%s) on %s as %s, %d batch slot(s)", name, source, self.device,
-                 self.dtype_name, self.capacity)
+        log.info("loading model %s (%s) on %s as %s, %d batch slot(s)%s", name, source, self.device,
+                 self.dtype_name, self.capacity,
+                 f", {torch.get_num_threads()} thread(s)" if self.device.type == "cpu" else "")
         started = time.monotonic()
         model = _resolve_factory(name)(device=self.device, dtype=dtype, weights=weights,
                                        seed=self.options.get("seed", 0))
@@ -233,7 +243,8 @@ class TorchRunner(ModelRunner):
             for seq in decoding:
                 self._tokens[seq.slot] = seq.last
                 self._positions[seq.slot] = seq.position
-            logits = self.model.decode(self._tokens.to(self.device), self._positions.to(self.device), self.cache)
+            logits = self.model.decode(self._tokens.to(self.device), self._positions.to(self.device), self.cache,
+                                       [seq.slot for seq in decoding])
             rows.append(logits[torch.tensor([seq.slot for seq in decoding], device=self.device)])
         for seq in joining:
             prompt = torch.tensor(seq.prompt, device=self.device)
