@@ -104,6 +104,7 @@ SPECS: dict[str, RuntimeSpec] = {
             "max_batch_size": Param(int, "an integer between 1 and 4096", lambda v: 1 <= v <= 4096),
             "max_batch_delay_ms": Param(float, "a number of milliseconds between 0 and 10000",
                                         lambda v: 0 <= v <= 10_000),
+            "max_prefill_tokens": Param(int, "an integer between 1 and 1000000", lambda v: 1 <= v <= 1_000_000),
             "cpu_threads": Param(int, "an integer between 1 and 1024", lambda v: 1 <= v <= 1024),
             "fault_injection": _BOOL,
         },

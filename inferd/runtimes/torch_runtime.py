@@ -3,8 +3,9 @@
 Scheduling, as in Orca and vLLM: the runner holds up to ``max_batch_size``
 sequences, one per slot of the model's KV cache. Each :meth:`TorchRunner.step`
 
-1. prefills the requests admitted since the last step into free slots (each
-   yields its first token), then
+1. prefills requests admitted since the last step into free slots (each
+   yields its first token), at most ``max_prefill_tokens`` prompt tokens of
+   them (at least one prompt) so that joiners do not stall the running, then
 2. runs one decode step over every slot that was already generating,
 
 so every live request gets exactly one token per step. A finished, cancelled
@@ -44,6 +45,7 @@ log = logging.getLogger("inferd.worker")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_TOKENS = 128
 DEFAULT_BATCH_DELAY_MS = 2
+DEFAULT_PREFILL_TOKENS = 2048
 
 
 def default_cpu_threads() -> int:
@@ -89,6 +91,7 @@ class TorchRunner(ModelRunner):
         # The worker's credits are the batch's slots: max_batch_size, within max_concurrency.
         self.capacity = min(capacity, options.get("max_batch_size", capacity))
         self.delay = options.get("max_batch_delay_ms", DEFAULT_BATCH_DELAY_MS) / 1000
+        self.prefill_tokens = options.get("max_prefill_tokens", DEFAULT_PREFILL_TOKENS)
         self.dtype_name = options.get("dtype", "float32")
         self.model: CausalLM | None = None
         self.cache: Any = None
@@ -101,8 +104,10 @@ class TorchRunner(ModelRunner):
         self._slots: list[_Sequence | None] = [None] * self.capacity
         self._free = list(range(self.capacity - 1, -1, -1))  # pop() takes the lowest slot
         self._by_rid: dict[int, _Sequence] = {}
-        self._tokens = torch.zeros(self.capacity, dtype=torch.long)
-        self._positions = torch.zeros(self.capacity, dtype=torch.long)
+        # Each slot's last token and its position, the next decode step's input (host lists:
+        # one tensor is built from each per step, cheaper than a write per slot).
+        self._tokens = [0] * self.capacity
+        self._positions = [0] * self.capacity
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -162,7 +167,7 @@ class TorchRunner(ModelRunner):
         logits = self.model.prefill(torch.tensor(self.model.tokenizer.encode("warm-up"), device=self.device),
                                     self.cache, 0)
         for _ in range(2):
-            logits = self.model.decode(self._tokens.to(self.device), self._positions.to(self.device), self.cache)
+            logits = self.model.decode(*self._decode_inputs(), self.cache)
         logits.cpu()
         log.info("warm-up done in %.2f s", time.monotonic() - started)
 
@@ -230,8 +235,10 @@ class TorchRunner(ModelRunner):
         outputs = []
         decoding = [seq for seq in self._slots if seq is not None]
         joining = []
-        while self._pending and self._free:
+        budget = self.prefill_tokens
+        while self._pending and self._free and (not joining or len(self._pending[0].prompt) <= budget):
             seq = self._pending.popleft()
+            budget -= len(seq.prompt)
             seq.slot = self._free.pop()
             self._slots[seq.slot] = seq
             joining.append(seq)
@@ -243,24 +250,28 @@ class TorchRunner(ModelRunner):
             for seq in decoding:
                 self._tokens[seq.slot] = seq.last
                 self._positions[seq.slot] = seq.position
-            logits = self.model.decode(self._tokens.to(self.device), self._positions.to(self.device), self.cache,
-                                       [seq.slot for seq in decoding])
-            rows.append(logits[torch.tensor([seq.slot for seq in decoding], device=self.device)])
+            live = [seq.slot for seq in decoding]
+            logits = self.model.decode(*self._decode_inputs(), self.cache, live)
+            rows.append(logits[torch.tensor(live, device=self.device)])
         for seq in joining:
             prompt = torch.tensor(seq.prompt, device=self.device)
             rows.append(self.model.prefill(prompt, self.cache, seq.slot).unsqueeze(0))
             seq.position = len(seq.prompt) - 1  # _advance moves it past the prompt
         if rows:
             logits = torch.cat(rows).float().cpu()  # one device-to-host copy per step
-            for seq, row in zip(decoding + joining, logits):
-                outputs.append(self._advance(seq, self._sample(seq, row)))
+            greedy = logits.argmax(-1).tolist()     # one op for every greedy row
+            for i, seq in enumerate(decoding + joining):
+                token = greedy[i] if seq.generator is None else self._sample(seq, logits[i])
+                outputs.append(self._advance(seq, token))
         self._steps += 1
         return outputs
 
+    def _decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor(self._tokens, device=self.device), torch.tensor(self._positions, device=self.device))
+
     @staticmethod
     def _sample(seq: _Sequence, logits: torch.Tensor) -> int:
-        if seq.generator is None:
-            return int(torch.argmax(logits))
+        """A token drawn with the request's temperature, top_p and generator."""
         probs = torch.softmax(logits / seq.temperature, -1)
         if seq.top_p < 1.0:
             # Nucleus: the most likely tokens whose mass reaches top_p (at least one).

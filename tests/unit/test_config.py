@@ -53,7 +53,7 @@ def test_shipped_config_loads():
     tiny = cfg.deployment("tiny")
     assert tiny.runtime == "torch" and tiny.max_concurrency == 16
     assert tiny.options == {"model": "tiny", "seed": 0, "dtype": "float32", "max_batch_size": 16,
-                            "max_batch_delay_ms": 2}
+                            "max_batch_delay_ms": 2, "max_prefill_tokens": 2048}
 
 
 def test_defaults():

@@ -364,6 +364,29 @@ def test_no_delay_by_default_is_short(weights):
     assert 0.0 <= runner.next_step_in() <= 0.002
 
 
+def test_prefill_budget_spreads_joiners_over_steps(weights):
+    # Prompts of 11 tokens (10 bytes and the start token), a budget of 25: two join per step.
+    runner = make_runner({"weights": weights, "max_batch_size": 5, "max_prefill_tokens": 25}, capacity=5)
+    for rid in range(5):
+        runner.admit(RunRequest(rid, f"prompt {rid:03d}", {"max_tokens": 4}))
+    trace = Trace()
+    firsts = [sorted(o.rid for o in trace.step(runner) if len(trace.by_rid[o.rid]) == 1) for _ in range(3)]
+    assert firsts == [[0, 1], [2, 3], [4]]
+    # Each step still gives one token to every request already generating.
+    assert [len(step) for step in trace.steps] == [2, 4, 5]
+    trace.drain(runner)
+    assert all(trace.final(rid).finish_reason == "length" for rid in range(5))
+
+
+def test_a_prompt_over_the_prefill_budget_still_joins_alone(weights):
+    runner = make_runner({"weights": weights, "max_batch_size": 2, "max_prefill_tokens": 1}, capacity=2)
+    runner.admit(RunRequest(1, "a longer prompt", {"max_tokens": 2}))
+    runner.admit(RunRequest(2, "another one", {"max_tokens": 2}))
+    trace = Trace()
+    assert [o.rid for o in trace.step(runner)] == [1]
+    assert sorted(o.rid for o in trace.step(runner)) == [1, 2]
+
+
 def test_busy_runner_does_not_wait_for_a_new_request(weights):
     runner = make_runner({"weights": weights, "max_batch_size": 3, "max_batch_delay_ms": 5000}, capacity=3)
     for rid in (1, 2, 3):
