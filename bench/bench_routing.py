@@ -170,7 +170,7 @@ def bench_broker(workers: int, batches: int) -> dict[str, float]:
         for _ in range(IN_FLIGHT):  # the oldest 64: all dispatched before this batch
             wid, rid = transport.dispatched.popleft()
             answers.append((wid.encode(),
-                            [P.WORKER, P.CHUNK, P.pack({"worker": wid, "rid": rid, "text": "hello"})],
+                            [P.WORKER, P.CHUNKS, P.pack({"worker": wid, "chunks": [[rid, "hello"]]})],
                             [P.WORKER, P.DONE, P.pack({"worker": wid, "rid": rid, "finish_reason": "stop"})]))
         new = submits(IN_FLIGHT)
         on_worker, on_client = core.on_worker, core.on_client

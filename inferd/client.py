@@ -343,16 +343,26 @@ class AsyncClient:
             self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
+        # Once a message is in, take every other one already waiting through a plain shadow
+        # of the socket: a future per message costs more than the message (one per token).
+        waiting = zmq.Socket.shadow(self._sock.underlying)
         while True:
-            frames = await self._sock.recv_multipart()
-            try:
-                command, body = P.decode(P.CLIENT, frames, frozenset({P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR,
-                                                                      P.PONG}))
-            except P.ProtocolError:
-                continue
-            box = self._inbox.get(body.get("id"))
-            if box is not None:
-                box.put_nowait((command, body))
+            self._deliver(await self._sock.recv_multipart())
+            while True:
+                try:
+                    frames = waiting.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._deliver(frames)
+
+    def _deliver(self, frames: list[bytes]) -> None:
+        try:
+            command, body = P.decode(P.CLIENT, frames, frozenset({P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR, P.PONG}))
+        except P.ProtocolError:
+            return
+        box = self._inbox.get(body.get("id"))
+        if box is not None:
+            box.put_nowait((command, body))
 
     async def _send(self, command: bytes, body: dict[str, Any]) -> None:
         await self._sock.send_multipart(P.encode(P.CLIENT, command, body))

@@ -40,9 +40,10 @@ DONE = b"DONE"
 ERROR = b"ERROR"
 PONG = b"PONG"
 
-# Worker -> broker (plus CHUNK, DONE, ERROR).
+# Worker -> broker (plus DONE, ERROR).
 READY = b"READY"
 HEARTBEAT = b"HEARTBEAT"
+CHUNKS = b"CHUNKS"            # the chunks of one or more requests, in order
 # Broker -> worker (plus CANCEL, HEARTBEAT).
 REQUEST = b"REQUEST"
 DISCONNECT = b"DISCONNECT"
@@ -66,7 +67,7 @@ RESTART = b"RESTART"          # inferctl -> broker -> supervisor: restart a work
 RESTARTED = b"RESTARTED"      # supervisor -> broker: the answer to RESTART
 
 CLIENT_COMMANDS = frozenset({SUBMIT, CANCEL, PING})
-WORKER_COMMANDS = frozenset({READY, HEARTBEAT, CHUNK, DONE, ERROR})
+WORKER_COMMANDS = frozenset({READY, HEARTBEAT, CHUNKS, DONE, ERROR})
 CONTROL_COMMANDS = frozenset({STATUS, METRICS, RESTART, REBUILD})
 
 # Finish reasons carried by DONE (and by the last CHUNK when the runtime knows it is last).

@@ -312,17 +312,17 @@ class BrokerCore:
         if command == P.HEARTBEAT:
             self._update_load(worker, body)
             return
+        if command == P.CHUNKS:
+            self._chunks(worker, body.get("chunks"))
+            return
         req = worker.requests.get(body.get("rid"))
         if req is None:
             return  # a late message for a request already given up on
         worker.last_progress = worker.last_seen
-        if command == P.CHUNK:
-            self._chunk(req, body)
-        else:
-            worker.release(req.rid)
-            req.worker = None
-            self._worker_final(req, command, body)
-            self._dispatch(worker.deployment)
+        worker.release(req.rid)
+        req.worker = None
+        self._worker_final(req, command, body)
+        self._dispatch(worker.deployment)
 
     def _register(self, wid: str, body: dict[str, Any]) -> None:
         if self._condemned.get(wid) == body.get("pid"):
@@ -383,17 +383,28 @@ class BrokerCore:
         worker.recount()
         return changed
 
-    def _chunk(self, req: Request, body: dict[str, Any]) -> None:
-        if req.done:
+    def _chunks(self, worker: WorkerRecord, entries: Any) -> None:
+        """A worker's CHUNKS: ``[rid, text]`` or ``[rid, text, finish_reason]`` each."""
+        if not isinstance(entries, list):
+            log.warning("worker %s sent CHUNKS without a list of chunks; ignored", worker.id)
             return
-        if not req.chunks:
-            req.first_chunk_at = self.clock()
-            req.deployment.metrics.first_chunk_ms.add((req.first_chunk_at - req.arrived) * 1000)
-        out = {"id": req.cid, "index": req.chunks, "text": body.get("text", "")}
-        if body.get("finish_reason"):
-            out["finish_reason"] = body["finish_reason"]
-        req.chunks += 1
-        self.transport.to_client(req.client, P.CHUNK, out)
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) in (2, 3) and isinstance(entry[1], str)
+                    and (len(entry) == 2 or isinstance(entry[2], str))):
+                log.warning("worker %s sent a malformed chunk %r; ignored", worker.id, entry)
+                continue
+            req = worker.requests.get(entry[0])
+            if req is None or req.done:
+                continue  # a late chunk for a request already given up on
+            worker.last_progress = worker.last_seen
+            if not req.chunks:
+                req.first_chunk_at = self.clock()
+                req.deployment.metrics.first_chunk_ms.add((req.first_chunk_at - req.arrived) * 1000)
+            out = {"id": req.cid, "index": req.chunks, "text": entry[1]}
+            if len(entry) == 3:
+                out["finish_reason"] = entry[2]
+            req.chunks += 1
+            self.transport.to_client(req.client, P.CHUNK, out)
 
     def _worker_final(self, req: Request, command: bytes, body: dict[str, Any]) -> None:
         dep = req.deployment

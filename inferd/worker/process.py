@@ -202,25 +202,27 @@ class Worker:
                 self.wake_rx.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+        chunks: list[list[Any]] = []
+        finals: list[Output] = []
         outputs = self.engine.outputs
         while outputs:
             for out in outputs.popleft():
-                self._forward(out)
-
-    def _forward(self, out: Output) -> None:
-        if out.rid not in self.in_flight:
-            return  # dropped at a reconnect
-        if out.text is not None:
-            chunk: dict[str, Any] = {"rid": out.rid, "text": out.text}
-            if out.finish_reason:
-                chunk["finish_reason"] = out.finish_reason
-            self.send(P.CHUNK, chunk)
-        if out.error is not None:
-            self.in_flight.discard(out.rid)
-            self.send(P.ERROR, {"rid": out.rid, **P.error_body(None, out.error, out.message)})
-        elif out.finish_reason:
-            self.in_flight.discard(out.rid)
-            self.send(P.DONE, {"rid": out.rid, "finish_reason": out.finish_reason})
+                if out.rid not in self.in_flight:
+                    continue  # dropped at a reconnect
+                if out.text is not None:
+                    chunks.append([out.rid, out.text, out.finish_reason] if out.finish_reason else [out.rid, out.text])
+                if out.final:
+                    self.in_flight.discard(out.rid)
+                    finals.append(out)
+        # One message for all of a step's chunks (a batch of 32 would be 32 messages), then the
+        # finals: a request's chunks always reach the broker before its DONE or ERROR.
+        if chunks:
+            self.send(P.CHUNKS, {"chunks": chunks})
+        for out in finals:
+            if out.error is not None:
+                self.send(P.ERROR, {"rid": out.rid, **P.error_body(None, out.error, out.message)})
+            else:
+                self.send(P.DONE, {"rid": out.rid, "finish_reason": out.finish_reason})
 
 
 def main() -> None:

@@ -81,7 +81,8 @@ class Harness:
         self.worker(wid, P.HEARTBEAT, state=state, credits=credits, in_flight=0)
 
     def chunk(self, wid: str, rid: int, text: str, **extra: Any) -> None:
-        self.worker(wid, P.CHUNK, rid=rid, text=text, **extra)
+        entry = [rid, text, extra["finish_reason"]] if "finish_reason" in extra else [rid, text]
+        self.worker(wid, P.CHUNKS, chunks=[entry])
 
     def done(self, wid: str, rid: int, finish_reason: str = "stop") -> None:
         self.worker(wid, P.DONE, rid=rid, finish_reason=finish_reason)
@@ -856,6 +857,24 @@ def test_readiness_reported_to_supervisor():
 # --- heartbeats --------------------------------------------------------------------------------
 
 
+def test_chunks_of_several_requests_in_one_message_keep_their_order():
+    h = Harness(max_concurrency=4)
+    h.ready("echo-0", credits=4)
+    h.submit("A", prompt="a")
+    h.submit("B", prompt="b")
+    (_, rid_a, _), (_, rid_b, _) = h.requests_sent(h.take())
+    h.worker("echo-0", P.CHUNKS, chunks=[[rid_a, "a1"], [rid_b, "b1"], [rid_a, "a2", "length"],
+                                         [rid_b, 7], ["nope"], [999999, "late"]])
+    assert h.to_clients(h.take()) == [
+        (b"c1", P.CHUNK, {"id": "A", "index": 0, "text": "a1"}),
+        (b"c1", P.CHUNK, {"id": "B", "index": 0, "text": "b1"}),
+        (b"c1", P.CHUNK, {"id": "A", "index": 1, "text": "a2", "finish_reason": "length"}),
+    ]  # the malformed entries and the unknown rid are skipped, the rest delivered
+    h.worker("echo-0", P.CHUNKS, chunks="not a list")
+    h.done("echo-0", rid_a, "length")
+    assert [(m[3]["id"], m[2]) for m in h.take() if m[0] == "client"] == [("A", P.DONE)]
+
+
 def test_rebuild_stops_dispatch_until_the_worker_is_ready_again():
     h = Harness(max_concurrency=2, watchdog_s=5.0)
     h.ready("echo-0", credits=2)
@@ -1420,7 +1439,7 @@ class World:
             if busy:
                 w = rng.choice(busy)
                 rid = rng.choice(list(w.held))
-                self.send_worker(w.wid, P.CHUNK, rid=rid, text=f"t{rng.randrange(100)}")
+                self.send_worker(w.wid, P.CHUNKS, chunks=[[rid, f"t{rng.randrange(100)}"]])
                 if rng.random() < 0.2:
                     self.worker_final(w, rid, "done")
         elif r < 0.60:

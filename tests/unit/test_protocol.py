@@ -50,9 +50,9 @@ def test_round_trip(body):
 
 
 def test_round_trip_preserves_bytes_vs_str():
-    frames = P.encode(P.WORKER, P.CHUNK, {"worker": "w", "text": "t", "blob": b"\x00\xff"})
+    frames = P.encode(P.WORKER, P.DONE, {"worker": "w", "text": "t", "blob": b"\x00\xff"})
     command, body = P.decode(P.WORKER, frames, P.WORKER_COMMANDS)
-    assert command == P.CHUNK
+    assert command == P.DONE
     assert body["blob"] == b"\x00\xff" and isinstance(body["blob"], bytes)
     assert body["text"] == "t" and isinstance(body["text"], str)
 
