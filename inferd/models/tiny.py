@@ -174,7 +174,7 @@ class TinyLM(nn.Module):
         # Slots up to the highest live one attend, each over the whole fixed-length cache,
         # masked past its own position.
         n = tokens.shape[0] if live is None else max(live, default=-1) + 1
-        mask = (cache.span <= positions[:n, None]).view(n, 1, 1, -1)
+        mask = (cache.span <= positions[:n, None]).view(n, 1, 1, len(cache.span))
         for i, block in enumerate(self.blocks):
             x = block.decode(x, cache, i, positions, mask)
         return self._logits(x)
