@@ -120,11 +120,12 @@ def status(obj: Ctx, as_json: bool) -> None:
                        "OOM_RESUMES", "LAST_EXIT"],
                       [[w["id"], w["deployment"], w["device"], w["pid"] or None, _state(w), w["restarts"],
                         w["credits"], w["in_flight"], w["resumes"], w["last_exit"]] for w in st["workers"]]))
-    failures = [(w["id"], w["failure"]) for w in st["workers"] if w.get("failure")]
-    if failures:
+    notes = [f"{w['id']}: {w['failure']}" for w in st["workers"] if w.get("failure")]
+    notes += [f"runner {w['id']}: " + " ".join(f"{k}={v}" for k, v in sorted(w["runner"].items()))
+              for w in st["workers"] if w.get("runner")]
+    if notes:  # what a worker reported before it went down; each runtime's own load figures
         click.echo("")
-        for wid, failure in failures:
-            click.echo(f"{wid}: {failure}")
+        click.echo("\n".join(notes))
 
 
 def _state(worker: dict[str, Any]) -> str:

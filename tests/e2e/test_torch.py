@@ -242,6 +242,9 @@ def test_default_config_serves_tiny(make_daemon):
     tiny = [line for line in lines if line[:1] == ["tiny-0"]]
     assert len(tiny) == 1 and tiny[0][1] == "tiny" and tiny[0][4] == "ready" and tiny[0][6] == "16", table.stdout
     assert "READY" in table.stdout.splitlines()[0]
+    # The runner's own figures: where it runs, and its batch.
+    assert any(line.startswith("runner tiny-0: ") and "device=cpu" in line and "slots=16" in line
+               for line in table.stdout.splitlines()), table.stdout
 
 
 # --- 2. determinism, and batched == unbatched ------------------------------------------------------
