@@ -202,20 +202,27 @@ class Worker:
                 self.wake_rx.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+        # One message for all of a step's chunks (a batch of 32 would be 32 messages), then the
+        # finals: a request's chunks always reach the broker before its DONE or ERROR. Past half
+        # the broker's message limit the chunks go out in several messages (UTF-8 is at most
+        # 4 bytes a character).
         chunks: list[list[Any]] = []
         finals: list[Output] = []
+        size = 0
         outputs = self.engine.outputs
         while outputs:
             for out in outputs.popleft():
                 if out.rid not in self.in_flight:
                     continue  # dropped at a reconnect
                 if out.text is not None:
+                    if chunks and size + 4 * len(out.text) > self.max_bytes // 2:
+                        self.send(P.CHUNKS, {"chunks": chunks})
+                        chunks, size = [], 0
                     chunks.append([out.rid, out.text, out.finish_reason] if out.finish_reason else [out.rid, out.text])
+                    size += 4 * len(out.text) + 32
                 if out.final:
                     self.in_flight.discard(out.rid)
                     finals.append(out)
-        # One message for all of a step's chunks (a batch of 32 would be 32 messages), then the
-        # finals: a request's chunks always reach the broker before its DONE or ERROR.
         if chunks:
             self.send(P.CHUNKS, {"chunks": chunks})
         for out in finals:

@@ -207,3 +207,22 @@ def test_config_frontend_on_tcp(make_daemon):
     with Client(f"tcp://127.0.0.1:{port}") as client:
         assert client.complete("echo", "over tcp") == "over tcp"
     assert not (daemon.runtime_dir / "frontend.sock").exists()
+
+
+def test_a_step_of_large_chunks_stays_under_the_message_limit(make_daemon):
+    # Six requests stepped together, each chunk a 900-character word: one CHUNKS message for
+    # the step would pass the broker's 4 KiB limit, and ZeroMQ would drop the worker's connection.
+    d = make_daemon(echo_config(replicas=1, broker="max_message_bytes = 4096\n",
+                                deployment="", options=""))
+    words = [" ".join(c * 900 for c in letters) for letters in ("abcd", "efgh", "ijkl", "mnop", "qrst", "uvwx")]
+
+    async def main():
+        async with AsyncClient(runtime_dir=d.runtime_dir) as client:
+            async def run(prompt):
+                return [c.text async for c in client.generate("echo", prompt)]
+            return await asyncio.gather(*(run(w) for w in words))
+
+    results = asyncio.run(main())
+    assert [" ".join(r) for r in results] == words
+    assert d.worker("echo-0")["restarts"] == 0
+    assert "malformed" not in d.logs() and "re-registering" not in d.logs()
