@@ -208,3 +208,22 @@ def test_the_spec_does_not_import_torch_or_the_runner():
     validate_options("torch", {"model": "tiny"})
     validate_params("torch", {"max_tokens": 3}, {})
     assert not {m for m in set(sys.modules) - before if m.startswith(("torch", "inferd.runtimes.torch_runtime"))}
+
+
+# --- missing packages ------------------------------------------------------------------------------------
+
+def test_missing_modules_are_found_without_importing_them(monkeypatch):
+    import dataclasses
+
+    from inferd.config import parse
+    from inferd.daemon import missing_runtime_modules
+
+    assert SPECS["torch"].missing_modules() == []  # the test environment has the torch extra
+    absent = dataclasses.replace(SPECS["torch"], requires=("torch", "inferd_no_such_module"))
+    assert absent.missing_modules() == ["inferd_no_such_module"]
+    monkeypatch.setitem(SPECS, "torch", absent)
+    config = parse({"deployment": [{"name": "echo", "runtime": "echo"}, {"name": "tiny", "runtime": "torch"}]},
+                   "<test>")
+    problems = missing_runtime_modules(config)
+    assert problems == ["deployment tiny: runtime torch needs inferd_no_such_module, not installed "
+                        "(pip install 'inferd[torch]'); its workers will fail"]
