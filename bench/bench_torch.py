@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -49,18 +48,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_core import Inferd, machine, percentile, spawn  # bench/ is sys.path[0] as a script
+from bench_core import machine, percentile  # bench/ is sys.path[0] as a script
+from bench_recovery import Daemon
 
-from inferd import errors
 from inferd.client import AsyncClient
-from inferd.ctl import control_call
 
 DEPLOYMENT = "tiny"
 BATCH = 32                  # max_batch_size and max_concurrency of the batched daemon
 STATUS_SETTLE_S = 0.6       # > heartbeat_interval_ms: the runner's step counters reach the broker in heartbeats
 BATCHING_TARGET = 4.0
 OVERHEAD_TARGET = 0.9
-READY_TIMEOUT_S = 60.0
 
 CONFIG = """\
 [daemon]
@@ -107,44 +104,14 @@ class Settings:
 
 # --- the daemon -----------------------------------------------------------------------------
 
-class TorchDaemon(Inferd):
-    """bench_core's daemon (own session, SIGINT then SIGKILL on stop) serving the tiny model."""
+class TorchDaemon(Daemon):
+    """bench_recovery's daemon (bench_core's process handling, a config of our own) serving the tiny model."""
 
     def __init__(self, workdir: Path, tag: str, max_batch_size: int, max_concurrency: int,
                  cpu_threads: int | None = None):
-        super().__init__(workdir, replicas=1)
-        self.name = tag
-        self.home = workdir / tag
-        self.runtime_dir = self.home / "run"
-        self.endpoint = f"ipc://{self.runtime_dir}/frontend.sock"
-        self.config_text = CONFIG.format(name=DEPLOYMENT, max_concurrency=max_concurrency,
-                                         max_batch_size=max_batch_size,
-                                         extra_options=f"cpu_threads = {cpu_threads}\n" if cpu_threads else "")
-
-    @property
-    def log_path(self) -> Path:
-        return self.home / "inferd.log"
-
-    def start(self) -> None:
-        self.home.mkdir()
-        config = self.home / "inferd.toml"
-        config.write_text(self.config_text)
-        self.proc = spawn([sys.executable, "-m", "inferd", "--config", str(config),
-                           "--runtime-dir", str(self.runtime_dir)], self.log_path)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
-            with contextlib.suppress(errors.InferdError):
-                st = self.status()
-                if st["ready"] and st["workers"] and all(w["state"] == "ready" for w in st["workers"]):
-                    self.children = [st["broker"]["pid"]] + [w["pid"] for w in st["workers"]]
-                    return
-            time.sleep(0.1)
-        raise TimeoutError(f"{self.name} not ready after {READY_TIMEOUT_S:g} s; see {self.log_path}")
-
-    def status(self) -> dict:
-        return control_call(self.runtime_dir, b"STATUS", 2.0)
+        super().__init__(workdir, tag, CONFIG.format(
+            name=DEPLOYMENT, max_concurrency=max_concurrency, max_batch_size=max_batch_size,
+            extra_options=f"cpu_threads = {cpu_threads}\n" if cpu_threads else ""))
 
     def worker(self) -> dict:
         return self.status()["workers"][0]
