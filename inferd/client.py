@@ -62,9 +62,10 @@ def _check_reachable(endpoint: str) -> None:
         raise errors.DaemonNotRunning(f"inferd is not running: no socket at {endpoint[len('ipc://'):]}")
 
 
-def _submit_body(cid: int, deployment: str, prompt: str, priority: int | None, deadline_ms: int | None,
-                 affinity: str | None, params: dict[str, Any]) -> dict[str, Any]:
-    body: dict[str, Any] = {"id": cid, "deployment": deployment, "prompt": prompt}
+def _submit_body(cid: int, deployment: str, prompt: str | list[dict[str, str]], priority: int | None,
+                 deadline_ms: int | None, affinity: str | None, params: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": cid, "deployment": deployment}
+    body["prompt" if isinstance(prompt, str) else "messages"] = prompt  # a list is a chat
     if priority is not None:
         body["priority"] = priority
     if deadline_ms is not None:
@@ -124,9 +125,12 @@ class Client:
     def close(self) -> None:
         self._sock.close(0)
 
-    def generate(self, deployment: str, prompt: str, *, priority: int | None = None,
+    def generate(self, deployment: str, prompt: str | list[dict[str, str]], *, priority: int | None = None,
                  deadline_ms: int | None = None, affinity: str | None = None, **params: Any) -> "Stream":
         """Submit a request now and return its stream of :class:`Chunk`.
+
+        ``prompt`` is a string, or a chat: a list of ``{"role", "content"}`` messages (sent as
+        ``messages``). Once the stream ends, ``stream.usage`` holds the token counts DONE carried.
 
         Errors the broker answers at once (BACKPRESSURE, UNKNOWN_DEPLOYMENT,
         BAD_REQUEST) raise when the stream is first iterated, so that many
@@ -137,7 +141,7 @@ class Client:
         self._send(P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms, affinity, params))
         return Stream(self, cid, _Tracker(deadline_ms, self.liveness_s, self.answer_timeout_s))
 
-    def complete(self, deployment: str, prompt: str, **kwargs: Any) -> str:
+    def complete(self, deployment: str, prompt: str | list[dict[str, str]], **kwargs: Any) -> str:
         """Run a request to the end and return its whole text."""
         stream = self.generate(deployment, prompt, **kwargs)
         texts = [chunk.text for chunk in stream]
@@ -200,6 +204,7 @@ class Stream:
         self.id = cid
         self.join = ""
         self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None   # from DONE: prompt_tokens, completion_tokens
         self._client = client
         self._tracker = tracker
         self._accepted = False
@@ -238,6 +243,7 @@ class Stream:
             elif command == P.DONE:
                 self._end()
                 self.finish_reason = body.get("finish_reason")
+                self.usage = body.get("usage")
                 if self._last is None or self._last.finish_reason is None:
                     # The runtime could not mark its last chunk: close the stream with an empty one.
                     index = self._last.index + 1 if self._last else 0
@@ -383,7 +389,7 @@ class AsyncClient:
             raise _error(body)
         return body
 
-    async def generate(self, deployment: str, prompt: str, *, priority: int | None = None,
+    async def generate(self, deployment: str, prompt: str | list[dict[str, str]], *, priority: int | None = None,
                        deadline_ms: int | None = None, affinity: str | None = None,
                        **params: Any) -> AsyncIterator[Chunk]:
         """Submit a request and yield its chunks; leaving the loop early cancels it."""

@@ -277,10 +277,16 @@ def _param(value: str) -> Any:
 @click.option("--affinity", help="Session key for sticky routing.")
 @click.option("--max-tokens", type=int, help="At most this many tokens (echo: words).")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="A runtime param; repeatable.")
+@click.option("--chat", is_flag=True, help="Send PROMPT as a user message, in the model's chat template.")
+@click.option("--system", help="With --chat: a system message before PROMPT.")
+@click.option("--usage", is_flag=True, help="Print the token counts to stderr at the end.")
 @click.pass_obj
 def generate(obj: Ctx, deployment: str, prompt: str, priority: int | None, deadline_ms: int | None,
-             affinity: str | None, max_tokens: int | None, params: tuple[str, ...]) -> None:
+             affinity: str | None, max_tokens: int | None, params: tuple[str, ...], chat: bool,
+             system: str | None, usage: bool) -> None:
     """Stream DEPLOYMENT's output for PROMPT to stdout as it arrives."""
+    if system is not None and not chat:
+        raise click.BadParameter("needs --chat", param_hint="--system")
     extra: dict[str, Any] = {}
     for item in params:
         key, sep, value = item.partition("=")
@@ -290,7 +296,11 @@ def generate(obj: Ctx, deployment: str, prompt: str, priority: int | None, deadl
     if max_tokens is not None:
         extra["max_tokens"] = max_tokens
     with Client(runtime_dir=obj.runtime_dir, answer_timeout_s=obj.timeout_s) as client:
-        stream = client.generate(deployment, prompt, priority=priority, deadline_ms=deadline_ms,
+        request: str | list[dict[str, str]] = prompt
+        if chat:
+            request = ([{"role": "system", "content": system}] if system is not None else []) + [
+                {"role": "user", "content": prompt}]
+        stream = client.generate(deployment, request, priority=priority, deadline_ms=deadline_ms,
                                  affinity=affinity, **extra)
         with stream:
             first = True
@@ -300,6 +310,9 @@ def generate(obj: Ctx, deployment: str, prompt: str, priority: int | None, deadl
                     sys.stdout.flush()
                     first = False
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        if usage and stream.usage:
+            click.echo(" ".join(f"{k}={v}" for k, v in stream.usage.items()), err=True)
 
 
 def main() -> None:

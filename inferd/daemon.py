@@ -37,10 +37,10 @@ def missing_runtime_modules(config: Config) -> list[str]:
     problems = []
     for dep in config.deployments:
         spec = runtimes.SPECS[dep.runtime]
-        missing = spec.missing_modules()
+        missing = spec.missing_modules(dep.options)
         if missing:
             problems.append(f"deployment {dep.name}: runtime {dep.runtime} needs {', '.join(missing)}, "
-                            f"not installed ({spec.install_hint}); its workers will fail")
+                            f"not installed ({spec.install_hints(missing)}); its workers will fail")
     return problems
 
 

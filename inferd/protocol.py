@@ -73,6 +73,8 @@ CONTROL_COMMANDS = frozenset({STATUS, METRICS, RESTART, REBUILD})
 # Finish reasons carried by DONE (and by the last CHUNK when the runtime knows it is last).
 FINISH_STOP = "stop"          # the output ended on its own (end of text, a stop string)
 FINISH_LENGTH = "length"      # max_tokens reached
+# The token counts DONE carries as ``usage`` when the runtime counts tokens.
+USAGE_KEYS = ("prompt_tokens", "completion_tokens")
 
 
 class ProtocolError(Exception):
@@ -202,7 +204,8 @@ def _type_names(types: type | tuple[type, ...]) -> str:
 SUBMIT_FIELDS = {
     "id": ((int, str), True),
     "deployment": (str, True),
-    "prompt": (str, True),
+    "prompt": (str, False),     # exactly one of prompt and messages
+    "messages": (list, False),
     "priority": (int, False),
     "deadline_ms": (int, False),
     "affinity": (str, False),

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from inferd import __version__, exitcodes, failures, protocol as P, runtimes
+from inferd import __version__, chat, exitcodes, failures, protocol as P, runtimes
 from inferd.config import Config, DeploymentConfig
 from inferd.errors import ErrorCode
 from inferd.metrics import DeploymentMetrics
@@ -49,7 +49,7 @@ class Request:
     client: bytes
     cid: Any                      # the client's own request id
     deployment: "Deployment"
-    prompt: str
+    prompt: str | None
     params: dict[str, Any]
     priority: int
     affinity: str | None
@@ -62,6 +62,7 @@ class Request:
     chunks: int = 0
     dispatches: int = 0
     done: bool = False            # the client has had its final reply
+    messages: list | None = None  # a chat instead of a prompt
 
 
 @dataclass(eq=False, slots=True)
@@ -224,14 +225,18 @@ class BrokerCore:
             raise P.ProtocolError("SUBMIT: deadline_ms must be > 0", cid)
         # A request may shorten the deployment's deadline, never extend it (Triton's rule).
         deadline_ms = min(deadline_ms or cfg.default_deadline_ms, cfg.default_deadline_ms)
+        if (body.get("prompt") is None) == (body.get("messages") is None):
+            raise P.ProtocolError("SUBMIT: exactly one of prompt and messages is required", cid)
+        if body.get("messages") is not None and (problem := chat.problem(body["messages"])):
+            raise P.ProtocolError(f"SUBMIT: messages {problem}", cid)
         params = body.get("params") or {}
         problem = runtimes.validate_params(cfg.runtime, params, cfg.options)
         if problem:
             raise P.ProtocolError(f"SUBMIT: params.{problem}", cid)
 
         now = self.clock()
-        req = Request(self._next_rid, client, cid, dep, body["prompt"], params, priority,
-                      body.get("affinity"), now, now + deadline_ms / 1000)
+        req = Request(self._next_rid, client, cid, dep, body.get("prompt"), params, priority,
+                      body.get("affinity"), now, now + deadline_ms / 1000, messages=body.get("messages"))
         try:
             req.entry, evicted = dep.queue.push(req, priority)
         except QueueFull:
@@ -413,8 +418,11 @@ class BrokerCore:
             self._retire(req, None)
             return
         if command == P.DONE:
-            self._finish(req, P.DONE, {"id": req.cid, "finish_reason": body.get("finish_reason", P.FINISH_STOP),
-                                       "chunks": req.chunks}, "completed")
+            done = {"id": req.cid, "finish_reason": body.get("finish_reason", P.FINISH_STOP), "chunks": req.chunks}
+            usage = body.get("usage")
+            if isinstance(usage, dict) and all(isinstance(usage.get(k), int) for k in P.USAGE_KEYS):
+                done["usage"] = {k: usage[k] for k in P.USAGE_KEYS}
+            self._finish(req, P.DONE, done, "completed")
             return
         code = body.get("code")
         if code not in ErrorCode.__members__:
@@ -476,8 +484,10 @@ class BrokerCore:
             if req.dispatches == 1:
                 dep.metrics.queue_ms.add((now - req.arrived) * 1000)
             req.dispatched_at = now
-            self.transport.to_worker(worker.id, P.REQUEST, {"rid": req.rid, "prompt": req.prompt,
-                                                            "params": req.params})
+            work = {"rid": req.rid, "params": req.params}
+            work["prompt" if req.messages is None else "messages"] = (
+                req.prompt if req.messages is None else req.messages)
+            self.transport.to_worker(worker.id, P.REQUEST, work)
 
     # --- finals ----------------------------------------------------------------------------
 

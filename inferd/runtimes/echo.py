@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 
+from inferd.chat import render_plain
 from inferd.failures import ContextPoisonedError, OutOfMemoryError, UnrecoverableError
 from inferd.protocol import FINISH_LENGTH, FINISH_STOP
 from inferd.runtimes.base import ModelRunner, Output, RunRequest
@@ -40,6 +41,10 @@ class _Stream:
         self.delay = delay
         self.due = due
         self.fault = fault
+
+    def usage(self) -> dict[str, int]:
+        """A word is echo's token."""
+        return {"prompt_tokens": len(self.words), "completion_tokens": self.next}
 
 
 def _inject(fault: str) -> None:
@@ -62,7 +67,7 @@ class EchoRunner(ModelRunner):
         self._streams: dict[int, _Stream] = {}
 
     def admit(self, request: RunRequest) -> None:
-        words = request.prompt.split()
+        words = (request.prompt if request.messages is None else render_plain(request.messages)).split()
         limit = min(len(words), request.params.get("max_tokens", len(words)))
         delay = request.params.get("delay_ms", 0) / 1000
         fault = request.params.get("fault") if self._faults else None
@@ -80,13 +85,14 @@ class EchoRunner(ModelRunner):
             if s.fault:
                 _inject(s.fault)
             if s.limit == 0:
-                outputs.append(Output(rid, None, FINISH_STOP))
+                outputs.append(Output(rid, None, FINISH_STOP, usage=s.usage()))
                 del self._streams[rid]
                 continue
             text = s.words[s.next]
             s.next += 1
             if s.next == s.limit:
-                outputs.append(Output(rid, text, FINISH_LENGTH if s.limit < len(s.words) else FINISH_STOP))
+                outputs.append(Output(rid, text, FINISH_LENGTH if s.limit < len(s.words) else FINISH_STOP,
+                                      usage=s.usage()))
                 del self._streams[rid]
             else:
                 outputs.append(Output(rid, text))

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 
+from inferd.chat import render_plain
 from inferd.errors import ErrorCode
 from inferd.failures import ContextPoisonedError, UnrecoverableError
 from inferd.models.interface import CausalLM
@@ -93,10 +94,12 @@ class TorchRunner(ModelRunner):
         self.delay = options.get("max_batch_delay_ms", DEFAULT_BATCH_DELAY_MS) / 1000
         self.prefill_tokens = options.get("max_prefill_tokens", DEFAULT_PREFILL_TOKENS)
         self.dtype_name = options.get("dtype", "float32")
+        self.checkpoint = options.get("checkpoint")
         self.model: CausalLM | None = None
         self.cache: Any = None
         self.device = torch.device("cpu")
         self._steps = self._generated = 0
+        self._ends: frozenset[int] = frozenset()
         self._reset()
 
     def _reset(self) -> None:
@@ -116,25 +119,40 @@ class TorchRunner(ModelRunner):
         dtype = self._pick_dtype()
         if self.device.type == "cpu":
             torch.set_num_threads(self.options.get("cpu_threads", default_cpu_threads()))
-        name = self.options.get("model", "tiny")
         weights = self.options.get("weights")
-        source = f"weights {weights}" if weights else f"seed {self.options.get('seed', 0)}"
+        if self.checkpoint:
+            name, source = "hf", f"checkpoint {self.checkpoint}"
+        else:
+            name = self.options.get("model", "tiny")
+            source = f"weights {weights}" if weights else f"seed {self.options.get('seed', 0)}"
         log.info("loading model %s (%s) on %s as %s, %d batch slot(s)%s", name, source, self.device,
                  self.dtype_name, self.capacity,
                  f", {torch.get_num_threads()} thread(s)" if self.device.type == "cpu" else "")
         started = time.monotonic()
-        model = _resolve_factory(name)(device=self.device, dtype=dtype, weights=weights,
-                                       seed=self.options.get("seed", 0))
+        if self.checkpoint:
+            from inferd.models import hf
+
+            model = hf.build(checkpoint=self.checkpoint, device=self.device, dtype=dtype,
+                             max_seq_len=self.options.get("max_seq_len"), progress=self._progress)
+        else:
+            model = _resolve_factory(name)(device=self.device, dtype=dtype, weights=weights,
+                                           seed=self.options.get("seed", 0))
         missing = [a for a in ("tokenizer", "max_seq_len", "new_cache", "prefill", "decode") if not hasattr(model, a)]
         if missing:
             raise UnrecoverableError(f"model {name!r}: the factory's model has no {', '.join(missing)} "
                                      "(see inferd.models.interface.CausalLM)")
         self.model = model
         self.cache = model.new_cache(self.capacity)
+        self._ends = getattr(model.tokenizer, "eos_ids", None) or frozenset({model.tokenizer.eos_id} - {None})
         count = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
         log.info("model %s loaded in %.2f s: %.2f M parameters, context %d tokens", name,
                  time.monotonic() - started, count / 1e6, model.max_seq_len)
         self._reset()
+
+    def _progress(self, what: str) -> None:
+        """A long load's current phase: in the log, and in ``inferctl status`` until it is ready."""
+        log.info("loading: %s", what)
+        self.progress = what
 
     def _pick_device(self) -> torch.device:
         gpus = [d for d in self.devices if d.kind == "cuda"]
@@ -169,6 +187,7 @@ class TorchRunner(ModelRunner):
         for _ in range(2):
             logits = self.model.decode(*self._decode_inputs(), self.cache)
         logits.cpu()
+        self.progress = ""
         log.info("warm-up done in %.2f s", time.monotonic() - started)
 
     def close(self) -> None:
@@ -187,7 +206,13 @@ class TorchRunner(ModelRunner):
 
     def admit(self, request: RunRequest) -> None:
         params = request.params
-        prompt = self.model.tokenizer.encode(request.prompt)
+        tokenizer = self.model.tokenizer
+        if request.messages is None:
+            prompt = tokenizer.encode(request.prompt)
+        elif getattr(tokenizer, "has_chat_template", False):
+            prompt = tokenizer.encode_chat(request.messages)
+        else:
+            prompt = tokenizer.encode(render_plain(request.messages))
         room = self.model.max_seq_len - len(prompt) + 1  # the last token sampled needs no cache slot
         if not prompt or room < 1:
             raise RequestRejected(ErrorCode.BAD_REQUEST, (
@@ -287,7 +312,7 @@ class TorchRunner(ModelRunner):
         seq.last = token
         self._generated += 1
         tokenizer = self.model.tokenizer
-        if token == tokenizer.eos_id:
+        if token in self._ends:  # a checkpoint may list several end tokens
             return self._finish(seq, seq.text.finish(), FINISH_STOP)
         text = seq.text.push(tokenizer.token_bytes(token))
         if seq.text.stopped:
@@ -299,7 +324,8 @@ class TorchRunner(ModelRunner):
     def _finish(self, seq: _Sequence, text: str, reason: str) -> Output:
         self._by_rid.pop(seq.rid, None)
         self._leave(seq)
-        return Output(seq.rid, text or None, reason)
+        return Output(seq.rid, text or None, reason, usage={"prompt_tokens": len(seq.prompt),
+                                                            "completion_tokens": seq.generated})
 
     def _inject(self, fault: str) -> None:
         """Test-only faults (``options.fault_injection``), real where the device allows."""

@@ -108,9 +108,13 @@ class Worker:
 
     def _load(self) -> dict[str, Any]:
         ready = self.engine.state == "ready"
+        report = self.engine.report
+        progress = self.engine.runner.progress  # a long load's phase, set by the engine thread
+        if progress and not ready:
+            report = {**report, "progress": progress}
         return {"state": self.engine.state, "credits": self.capacity if ready else 0,
                 "in_flight": len(self.in_flight), "resumes": self.engine.resumes, "rebuilds": self.engine.rebuilds,
-                "runner": self.engine.report}
+                "runner": report}
 
     # --- loop ------------------------------------------------------------------------------
 
@@ -194,7 +198,7 @@ class Worker:
             self.send(P.ERROR, {"rid": rid, **P.error_body(None, ErrorCode.INTERNAL, "worker has no free credit")})
             return
         self.in_flight.add(rid)
-        self.engine.admit(RunRequest(rid, body.get("prompt", ""), body.get("params") or {}))
+        self.engine.admit(RunRequest(rid, body.get("prompt") or "", body.get("params") or {}, body.get("messages")))
 
     def _drain_wakeups(self) -> None:
         while True:
@@ -229,7 +233,10 @@ class Worker:
             if out.error is not None:
                 self.send(P.ERROR, {"rid": out.rid, **P.error_body(None, out.error, out.message)})
             else:
-                self.send(P.DONE, {"rid": out.rid, "finish_reason": out.finish_reason})
+                done = {"rid": out.rid, "finish_reason": out.finish_reason}
+                if out.usage:
+                    done["usage"] = out.usage
+                self.send(P.DONE, done)
 
 
 def main() -> None:
@@ -242,10 +249,13 @@ def main() -> None:
     if visible != expected:
         log.error("CUDA_VISIBLE_DEVICES is %r, expected %r; refusing to run on the wrong device", visible, expected)
         sys.exit(exitcodes.WORKER_UNRECOVERABLE)
-    runtime = runtimes.SPECS[config.deployment(spec["deployment"]).runtime]
-    missing = runtime.missing_modules()
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a worker never contacts a model hub, whatever it loads
+    deployment = config.deployment(spec["deployment"])
+    runtime = runtimes.SPECS[deployment.runtime]
+    missing = runtime.missing_modules(deployment.options)
     if missing:  # it would fail the same way after every restart
-        log.error("the %s runtime needs %s, not installed (%s)", runtime.name, ", ".join(missing), runtime.install_hint)
+        log.error("the %s runtime needs %s, not installed (%s)", runtime.name, ", ".join(missing),
+                  runtime.install_hints(missing))
         sys.exit(exitcodes.WORKER_UNRECOVERABLE)
     pinned = ("no device (remote runtime)" if not devices else
               "CPU device, no GPU visible" if expected == "" else f"GPU {expected}")
