@@ -61,7 +61,7 @@ DEFAULT_MAX_SEQ_LEN = 2048
 # covers llama, qwen2, gpt2, mistral with a sliding window, gemma2 with softcapping, and more).
 # Refused, as not covered: attention sinks, compressed-KV attention (DeepSeek), linear-attention
 # and state-space hybrids, multimodal models.
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gpt2", "phi3", "gemma", "gemma2", "olmo2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gemma", "gemma2", "olmo2")
 # The load-time guard: the slot path's logits against a plain forward, as a share of the largest logit.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 GUARD_PROMPT = "The capital of France is Paris. The capital of Italy is"
@@ -115,6 +115,15 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
         attended = (weights @ v).view(g, heads, queries, -1).transpose(1, 2)     # [g, q, H, d]
         out.index_copy_(0, group, attended)
     return out, None
+
+
+def preload() -> None:
+    """Import transformers' loading machinery now: seconds of imports, which the worker does
+    before it registers with the broker (as it imports torch), not in the engine thread while its
+    main thread must heartbeat: a long import there starved the heartbeats on a busy machine."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    _register_attention()
 
 
 def _register_attention() -> None:

@@ -95,6 +95,10 @@ class TorchRunner(ModelRunner):
         self.prefill_tokens = options.get("max_prefill_tokens", DEFAULT_PREFILL_TOKENS)
         self.dtype_name = options.get("dtype", "float32")
         self.checkpoint = options.get("checkpoint")
+        if self.checkpoint:
+            from inferd.models import hf
+
+            hf.preload()
         self.model: CausalLM | None = None
         self.cache: Any = None
         self.device = torch.device("cpu")

