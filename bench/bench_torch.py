@@ -108,8 +108,8 @@ class TorchDaemon(Daemon):
     """bench_recovery's daemon (bench_core's process handling, a config of our own) serving the tiny model."""
 
     def __init__(self, workdir: Path, tag: str, max_batch_size: int, max_concurrency: int,
-                 cpu_threads: int | None = None):
-        super().__init__(workdir, tag, CONFIG.format(
+                 cpu_threads: int | None = None, config: str | None = None):
+        super().__init__(workdir, tag, config or CONFIG.format(
             name=DEPLOYMENT, max_concurrency=max_concurrency, max_batch_size=max_batch_size,
             extra_options=f"cpu_threads = {cpu_threads}\n" if cpu_threads else ""))
 
@@ -161,7 +161,7 @@ class RequestRecord:
 
 
 async def run_streams(client: AsyncClient, concurrency: int, per_stream: int, max_tokens: int,
-                      texts: list[str]) -> list[RequestRecord]:
+                      texts: list[Any], deployment: str = DEPLOYMENT, **params: Any) -> list[RequestRecord]:
     """``concurrency`` streams, each ``per_stream`` requests one after the other."""
     records: list[RequestRecord] = []
 
@@ -171,7 +171,7 @@ async def run_streams(client: AsyncClient, concurrency: int, per_stream: int, ma
             stamps: list[float] = []
             last = None
             submitted = time.perf_counter()
-            async for chunk in client.generate(DEPLOYMENT, prompt, max_tokens=max_tokens, temperature=0.0):
+            async for chunk in client.generate(deployment, prompt, max_tokens=max_tokens, temperature=0.0, **params):
                 stamps.append(time.perf_counter())
                 last = chunk
             records.append(RequestRecord(submitted, stamps, last.finish_reason if last else None,
@@ -212,9 +212,10 @@ def figures(records: list[RequestRecord], max_tokens: int) -> RunFigures:
                       percentile(itl, 50) if itl else 0.0, percentile(itl, 99) if itl else 0.0, bad)
 
 
-async def measure_daemon(daemon: TorchDaemon, s: Settings, device: str) -> dict[int, RunFigures]:
+async def measure_daemon(daemon: TorchDaemon, s: Settings, device: str, texts: list[Any] | None = None,
+                         deployment: str = DEPLOYMENT, **params: Any) -> dict[int, RunFigures]:
     """Warm-up, then one run per concurrency, with CPU and step counts around each."""
-    texts = prompts(256)
+    texts = texts or prompts(256)
     report = daemon.worker()["runner"]
     if not str(report.get("device", "")).startswith(device):
         raise RuntimeError(f"{daemon.name}: the worker runs on {report.get('device')!r}, not {device!r} "
@@ -224,14 +225,14 @@ async def measure_daemon(daemon: TorchDaemon, s: Settings, device: str) -> dict[
     async with AsyncClient(daemon.endpoint, liveness_s=60.0) as client:
         # Warm-up: a full batch (or two requests) of short requests, through every path the runs take.
         n = max(2, capacity)
-        await run_streams(client, n, 1, s.warmup_tokens, texts[-n:])
+        await run_streams(client, n, 1, s.warmup_tokens, texts[-n:], deployment, **params)
         time.sleep(STATUS_SETTLE_S)
         steps1 = daemon.worker()["runner"]["steps"]
         for c in s.concurrency:
             steps0 = steps1  # the worker has been idle since
             cpu0, client0, busy0, ours0 = daemon.cpu(), time.process_time(), machine_busy_s(), daemon.cpu_total()
             wall0 = time.perf_counter()
-            records = await run_streams(client, c, s.per_stream(c), s.max_tokens, texts)
+            records = await run_streams(client, c, s.per_stream(c), s.max_tokens, texts, deployment, **params)
             client_s = time.process_time() - client0
             cpu1, busy1, ours1 = daemon.cpu(), machine_busy_s(), daemon.cpu_total()
             wall = time.perf_counter() - wall0

@@ -132,6 +132,7 @@ SPECS: dict[str, RuntimeSpec] = {
             "seed": Param(int, "an integer between 0 and 2**63 - 1", lambda v: 0 <= v < 2**63),
             "stop": Param((str, list), "a string or a list of 1 to 16 strings of 1 to 256 characters",
                           _are_stop_strings),
+            "ignore_eos": _BOOL,
             "fault": Param(str, f"one of {', '.join(TORCH_FAULTS)}", lambda v: v in TORCH_FAULTS),
         },
         options={

