@@ -125,6 +125,25 @@ def _submit_body(cid: int, deployment: str, prompt: str, priority: int | None, d
     return body
 
 
+def _gap(expected: int, body: dict[str, Any]) -> errors.ConnectionReset | None:
+    """A CHUNK whose index skips, or a DONE whose count differs: messages were lost in a reset."""
+    got = body.get("index") if "index" in body else body.get("chunks")
+    if got == expected:
+        return None
+    return errors.ConnectionReset(f"the connection to inferd was reset and output was lost "
+                                  f"({expected} chunk(s) received in order, then {'chunk' if 'index' in body else 'a DONE for'} {got})")
+
+
+def _pong_problem(body: dict[str, Any], epoch: Any, cid: Any) -> errors.InferdError | None:
+    """What a PONG says about a request still waiting for its final: lost in a restart or a reset."""
+    if body.get("epoch") != epoch:
+        return errors.Unavailable("inferd restarted while the request was in flight; it was lost")
+    if cid not in body.get("in_flight", (cid,)):
+        return errors.ConnectionReset("the connection to inferd was reset and the request's final reply "
+                                      "was lost (the broker has ended it)")
+    return None
+
+
 def _error(body: dict[str, Any]) -> errors.InferdError:
     return errors.from_wire(str(body.get("code")), str(body.get("message", "")), body.get("details"))
 
@@ -326,11 +345,18 @@ class Stream:
                 self._epoch = body.get("epoch")
                 self.join = body.get("join", "")
             elif command == P.CHUNK:
-                chunk = Chunk(body.get("text", ""), body.get("index", 0), body.get("finish_reason"))
+                gap = _gap(self._last.index + 1 if self._last else 0, body)
+                if gap:
+                    self.close()
+                    raise gap
+                chunk = Chunk(body.get("text", ""), body["index"], body.get("finish_reason"))
                 self._last = chunk
                 return chunk
             elif command == P.DONE:
                 self._end()
+                gap = _gap(self._last.index + 1 if self._last else 0, body)
+                if gap:
+                    raise gap
                 self.finish_reason = body.get("finish_reason")
                 if self._last is None or self._last.finish_reason is None:
                     # The runtime could not mark its last chunk: close the stream with an empty one.
@@ -340,7 +366,10 @@ class Stream:
                 self._end()
                 raise _error(body)
             elif command == P.PONG:
-                self._check_epoch(body)
+                problem = _pong_problem(body, self._epoch, self.id)
+                if problem:
+                    self.close()
+                    raise problem
         raise StopIteration
 
     def _next_message(self) -> tuple[bytes, dict]:
@@ -359,14 +388,6 @@ class Stream:
                 continue
             self._client._send(P.PING, {"id": self.id})
             tracker.ping_sent = now
-
-    def _check_epoch(self, body: dict[str, Any]) -> None:
-        if self._epoch is not None and body.get("epoch") != self._epoch:
-            self._end()
-            raise errors.Unavailable("inferd restarted while the request was in flight; it was lost")
-        if not self._accepted:
-            self._end()
-            raise errors.Unavailable("inferd restarted before answering the request; it was lost")
 
     def _end(self) -> None:
         self._finished = True
@@ -520,19 +541,26 @@ class AsyncClient:
                     tracker.accepted = True
                     epoch = body.get("epoch")
                 elif command == P.CHUNK:
-                    last = Chunk(body.get("text", ""), body.get("index", 0), body.get("finish_reason"))
+                    gap = _gap(last.index + 1 if last else 0, body)
+                    if gap:
+                        raise gap
+                    last = Chunk(body.get("text", ""), body["index"], body.get("finish_reason"))
                     yield last
                 elif command == P.DONE:
                     finished = True
+                    gap = _gap(last.index + 1 if last else 0, body)
+                    if gap:
+                        raise gap
                     if last is None or last.finish_reason is None:
                         yield Chunk("", last.index + 1 if last else 0, body.get("finish_reason"))
                     return
                 elif command == P.ERROR:
                     finished = True
                     raise _error(body)
-                elif command == P.PONG and body.get("epoch") != epoch:
-                    finished = True
-                    raise errors.Unavailable("inferd restarted while the request was in flight; it was lost")
+                elif command == P.PONG:
+                    problem = _pong_problem(body, epoch, cid)
+                    if problem:
+                        raise problem
         finally:
             self._inbox.pop(cid, None)
             if not finished:

@@ -185,7 +185,8 @@ class BrokerCore:
                 P.check_fields(body, P.PING_FIELDS, "PING")
                 self._to_client(client, P.PONG, {
                     "id": body.get("id"), "epoch": self.epoch, "version": __version__,
-                    "max_message_bytes": self.config.broker.max_message_bytes})
+                    "max_message_bytes": self.config.broker.max_message_bytes,
+                    "in_flight": [cid for (c, cid) in self.by_client if c == client]})
         except P.ProtocolError as exc:
             self._reject(client, exc.request_id, ErrorCode.BAD_REQUEST, exc.reason)
 

@@ -203,10 +203,17 @@ def test_queue_time_is_measured_until_dispatch():
 def test_ping_answered_with_pong():
     h = Harness()
     h.client(b"c9", P.PING, {"id": 7})
-    pong = {"epoch": h.core.epoch, "version": __version__, "max_message_bytes": 1 << 20}
+    pong = {"epoch": h.core.epoch, "version": __version__, "max_message_bytes": 1 << 20, "in_flight": []}
     assert h.take() == [("client", b"c9", P.PONG, {"id": 7, **pong})]
     h.client(b"c9", P.PING, {})
     assert h.take() == [("client", b"c9", P.PONG, {"id": None, **pong})]
+    h.ready("echo-0", credits=1)
+    h.submit("A", client=b"c9")
+    h.submit("B", client=b"c9")
+    h.submit("C", client=b"other")
+    h.take()
+    h.client(b"c9", P.PING, {"id": 8})   # the ids this connection has in flight: how a client learns
+    assert h.take()[-1][3]["in_flight"] == ["A", "B"]  # that a final reply was lost
 
 
 def test_request_ids_are_scoped_per_client():
