@@ -141,8 +141,10 @@ class Inferd:
         status = self._wait_ready()
         self.children = [status["broker"]["pid"]] + [w["pid"] for w in status["workers"]]
 
+    ready_timeout_s = READY_TIMEOUT_S   # a daemon whose model loads for long waits longer
+
     def _wait_ready(self) -> dict:
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.home}/inferd.log")
@@ -152,7 +154,7 @@ class Inferd:
                 if len(workers) == self.replicas and all(w["state"] == "ready" for w in workers):
                     return status
             time.sleep(0.1)
-        raise TimeoutError(f"{self.name} not ready after {READY_TIMEOUT_S:g} s; see {self.home}/inferd.log")
+        raise TimeoutError(f"{self.name} not ready after {self.ready_timeout_s:g} s; see {self.home}/inferd.log")
 
     def memory(self) -> dict[str, float]:
         return {"supervisor_rss_mb": rss_mb(self.proc.pid), "broker_rss_mb": rss_mb(self.children[0])}

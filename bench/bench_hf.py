@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from bench_core import machine  # bench/ is sys.path[0] as a script
-from bench_torch import BATCH, RunFigures, Settings, TorchDaemon, fmt, measure_daemon, median, render, summarize
+from bench_torch import (BATCH, RunFigures, Settings, TorchDaemon, fmt, measure_daemon, median, prompts, render,
+                         summarize)
 
 DEPLOYMENT = "hf"
 MAX_SEQ_LEN = 256
@@ -73,14 +74,6 @@ max_seq_len = {max_seq_len}
 max_batch_size = {batch}
 max_batch_delay_ms = 2
 {extra_options}"""
-
-SUBJECTS = ("a red robot", "an old ship", "the city", "a small cat", "two rivers", "the winter",
-            "a lost key", "the market", "a tall tree", "the harbour", "an echo", "the library")
-
-
-def prompts(n: int) -> list[str]:
-    return [f"Request {i:03d}: write a short story about {SUBJECTS[i % len(SUBJECTS)]}." for i in range(n)]
-
 
 def checkpoints(workdir: Path, names: list[str]) -> dict[str, str]:
     out = {}
@@ -224,6 +217,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, help="new tokens per request (default 64; 16 with --quick)")
     parser.add_argument("--concurrency", type=int, nargs="+", help="concurrent streams (default 1 8 32)")
     parser.add_argument("--repeats", type=int, help="runs per model; medians are reported (default 2; 1 with --quick)")
+    parser.add_argument("--requests", type=int, metavar="N", help="requests per run at least (default 8; 4 with "
+                                                                  "--quick); a lone SmolLM2 stream is slow on a CPU")
     parser.add_argument("--cpu-threads", type=int, metavar="N", help="torch threads everywhere (default: the "
                                                                      "runtime's, all cores but one)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as JSON")
@@ -235,7 +230,8 @@ def parse_args() -> argparse.Namespace:
         if not 1 <= max_tokens <= MAX_SEQ_LEN - 64:
             parser.error(f"--max-tokens must be between 1 and {MAX_SEQ_LEN - 64}")
         args.settings = Settings(max_tokens=max_tokens, concurrency=tuple(sorted(set(args.concurrency or (1, 8, 32)))),
-                                 repeats=args.repeats or (1 if args.quick else 2), min_requests=4 if args.quick else 8,
+                                 repeats=args.repeats or (1 if args.quick else 2),
+                                 min_requests=args.requests or (4 if args.quick else 8),
                                  min_per_stream=1, warmup_tokens=min(8, max_tokens),
                                  inprocess_unbatched=2 if args.quick else 4)
     return args
@@ -268,6 +264,7 @@ def main() -> None:
                 config = CONFIG.format(name=DEPLOYMENT, batch=BATCH, checkpoint=checkpoint, max_seq_len=MAX_SEQ_LEN,
                                        extra_options=f"cpu_threads = {threads}\n")
                 daemon = TorchDaemon(workdir, f"{name}-{rep}", BATCH, BATCH, config=config)
+                daemon.ready_timeout_s = 300.0  # SmolLM2 loads in 15 s on an idle machine, minutes on a busy one
                 try:
                     t0 = time.monotonic()
                     daemon.start()
