@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 class Tokenizer(Protocol):
     eos_id: int | None    # the token that ends a sequence; None if the model has none
+    # Optional: ``eos_ids`` (every token that ends a sequence, when there are several), and
+    # ``has_chat_template`` with ``encode_chat(messages) -> list[int]`` (a chat's prompt tokens).
 
     def encode(self, text: str) -> list[int]:
         """The prompt's tokens, including any start-of-sequence token."""
