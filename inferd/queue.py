@@ -85,6 +85,16 @@ class BoundedPriorityQueue(Generic[T]):
         self._len += 1
         return entry
 
+    def append(self, item: T, priority: int) -> Entry[T]:
+        """Put an admitted item at the tail of its level, ignoring the bound: a reload moving
+        queued items to a smaller queue keeps them all, and only newcomers are refused."""
+        self._check_priority(priority)
+        entry = Entry(item, priority)
+        self._levels[priority].append(entry)
+        self._live[priority] += 1
+        self._len += 1
+        return entry
+
     def pop(self) -> T | None:
         """Remove and return the most urgent, oldest item; None when empty."""
         if not self._len:

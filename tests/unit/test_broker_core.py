@@ -850,8 +850,9 @@ def test_readiness_reported_to_supervisor():
     h.ready("echo-1")
     h.exited("echo-0")
     readiness = [b for kind, _, c, b in h.rec.log if kind == "supervisor" and c == P.READINESS]
-    assert readiness == [{"deployments": {"echo": 1}}, {"deployments": {"echo": 2}},
-                         {"deployments": {"echo": 1}}]
+    assert readiness == [{"deployments": {"echo": 1}, "workers": ["echo-0"]},
+                         {"deployments": {"echo": 2}, "workers": ["echo-0", "echo-1"]},
+                         {"deployments": {"echo": 1}, "workers": ["echo-1"]}]
 
 
 # --- heartbeats --------------------------------------------------------------------------------
