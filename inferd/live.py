@@ -145,19 +145,16 @@ class LiveChanges:
                         self.policy.limit(child.name, Limits(dep.max_restarts, dep.restart_window_s))
             if change.rolls:
                 old_ids = [c.name for c in self._workers_of(change.name)]
-                before, after = change.replicas or (len(old_ids), len(old_ids))
-                extra = old_ids[after:] if after < before else []
-                for wid in reversed(extra):
-                    self.transitions.add(Retire(lane=change.name, worker=wid, then=REMOVE))
-                for wid in old_ids[:after]:
-                    self.transitions.add(Replace(lane=change.name, deployment=change.name, old=wid))
-                for _ in range(max(0, after - before)):
-                    self.transitions.add(Start(lane=change.name, deployment=change.name))
+                after = change.replicas[1] if change.replicas else len(old_ids)
+                lane = change.name
+                self.transitions.add(
+                    *[Retire(lane=lane, worker=wid, then=REMOVE) for wid in reversed(old_ids[after:])],
+                    *[Replace(lane=lane, deployment=lane, old=wid) for wid in old_ids[:after]],
+                    *[Start(lane=lane, deployment=lane) for _ in range(after - len(old_ids))])
             elif change.replicas:
                 self._scale(change.name, *change.replicas)
         for name in plan.added:
-            for _ in range(new.deployment(name).replicas):
-                self.transitions.add(Start(lane=name, deployment=name))
+            self.transitions.add(*[Start(lane=name, deployment=name) for _ in range(new.deployment(name).replicas)])
         del old
 
     def _adopt(self, new: Config, keep_specs_of: set[str] = frozenset()) -> None:
@@ -173,10 +170,10 @@ class LiveChanges:
 
     def _scale(self, name: str, before: int, after: int) -> None:
         current = [c.name for c in self._workers_of(name)]
-        for wid in reversed(current[after:]):
-            self.transitions.add(Retire(lane=name, worker=wid, then=REMOVE))
-        for _ in range(max(0, after - len(current))):
-            self.transitions.add(Start(lane=name, deployment=name))
+        ops = [Retire(lane=name, worker=wid, then=REMOVE) for wid in reversed(current[after:])]
+        ops += [Start(lane=name, deployment=name) for _ in range(after - len(current))]
+        if ops:
+            self.transitions.add(*ops)
         log.info("scaling %s from %d to %d worker(s)", name, before, after)
 
     def _workers_of(self, name: str) -> list["Child"]:
@@ -295,8 +292,8 @@ class LiveChanges:
         elif then == KEEP:
             child.state, child.last_exit = "drained", "drained by an operator"
             log.info("%s drained; it stays stopped until `inferctl restart %s`", worker, worker)
-        else:
-            child.state, child.restart_at = "restarting", time.monotonic()
+        else:  # asked for: not counted as a restart after a failure
+            child.state, child.restart_at, child.operator_restart = "restarting", time.monotonic(), True
         self._publish()
 
     def _forget(self, wid: str) -> None:

@@ -94,11 +94,14 @@ class Transitions:
 
     # --- queueing -----------------------------------------------------------------------------
 
-    def add(self, op: Op) -> None:
-        lane = self.lanes.setdefault(op.lane, deque())
-        lane.append(op)
-        if len(lane) == 1:
-            self._begin(op)
+    def add(self, *ops: Op) -> None:
+        """Queue ops (of one lane, in order): a roll's steps go in together, so that a failed
+        step abandons the ones after it."""
+        lane = self.lanes.setdefault(ops[0].lane, deque())
+        idle = not lane
+        lane.extend(ops)
+        if idle:
+            self._begin(lane[0])
 
     def cancel_lane(self, lane: str) -> None:
         """Forget what waits in a lane (its deployment was removed); the running op finishes."""
