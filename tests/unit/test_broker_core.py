@@ -1711,12 +1711,12 @@ def test_a_removed_deployment_drains_then_is_unknown():
     assert "deployments: other" in body["message"]
     h.done("echo-0", rid)  # the running one finishes; the queued one goes to the same worker
     msgs = h.take()
-    assert [m[2] for m in h.to_clients(msgs)] == [P.DONE]
+    assert [m[1] for m in h.to_clients(msgs)] == [P.DONE]
     (_, rid2, _), = h.requests_sent(msgs)
     h.done("echo-0", rid2)
     h.advance(0.1)
     msgs = h.take()
-    assert [m[2] for m in h.to_clients(msgs)] == [P.DONE]
+    assert [m[1] for m in h.to_clients(msgs)] == [P.DONE]
     assert ("supervisor", None, P.REMOVED, {"deployment": "echo", "failed": 0}) in msgs
     assert "echo" not in h.core.retiring
 
