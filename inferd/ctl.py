@@ -190,7 +190,7 @@ def _dry_run(config_path: str) -> tuple[list[dict[str, Any]], str]:
     try:
         source, _, plans = plan_node(load(config_path))
     except (ConfigError, PlacementError) as exc:
-        kind = "bad config" if isinstance(exc, ConfigError) else f"cannot place: {type(exc).__name__}"
+        kind = "bad config" if isinstance(exc, ConfigError) else type(exc).__name__
         raise BadConfig(f"{kind}: {exc}") from None
     rows = [{"id": p.id, "deployment": p.deployment, "node": p.node, "device": p.device_ids, "placed_by": p.why}
             for p in plans]
