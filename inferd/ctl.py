@@ -341,7 +341,7 @@ def _params_help() -> str:
     for spec in runtimes.SPECS.values():
         public = {k: p for k, p in spec.params.items() if k not in spec.gated}
         lines.append(f"{spec.name}: " + "; ".join(f"{k} ({p.expect})" for k, p in sorted(public.items())))
-    return "\n\n".join(lines)
+    return "\n".join(lines)
 
 
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
