@@ -99,10 +99,18 @@ class Systemd:
                           + " | ".join(tail))
 
     def _find_pid1(self) -> int | None:
-        """The namespace's systemd: the child of unshare's forked child."""
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-x", "systemd"], capture_output=True, text=True)
-        pids = out.stdout.split()
-        return int(pids[0]) if pids else None
+        """The namespace's systemd: the child of unshare (which forked it into the new PID namespace)."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            if comm == "systemd" and int(fields[1]) == self.proc.pid:
+                return int(entry.name)
+        return None
 
     def run(self, *args: str, timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess:
         """Run a command inside the namespace (its mounts, its systemd)."""
@@ -117,8 +125,16 @@ class Systemd:
         out = self.run("systemctl", "show", unit, "-p", ",".join(props)).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
-    def journal(self, unit: str) -> str:
-        return self.run("journalctl", "-u", unit, "--no-pager", "-o", "cat").stdout
+    def cursor(self) -> str | None:
+        """The journal's position now (None while it is empty): :meth:`journal` after it shows
+        only what was logged since."""
+        out = self.run("journalctl", "-n", "1", "--show-cursor", "--no-pager", "-o", "cat").stdout
+        lines = [line for line in out.splitlines() if line.startswith("-- cursor: ")]
+        return lines[-1][len("-- cursor: "):].strip() if lines else None
+
+    def journal(self, unit: str, after: str | None = None) -> str:
+        since = [f"--after-cursor={after}"] if after else []
+        return self.run("journalctl", "-u", unit, *since, "--no-pager", "-o", "cat").stdout
 
     def close(self) -> None:
         if self.pid1 is not None:
