@@ -64,6 +64,10 @@ class LiveChanges:
             self.reload_state, self.reload_note = "refused", message
             self._publish()
             return False, message, {"bad_config": True}
+        from inferd.daemon import missing_runtime_modules  # the daemon module imports this one
+
+        for problem in missing_runtime_modules(new):
+            log.warning("%s", problem)
         self.reload_generation += 1
         summary = plan.summary()
         log.info("reload %d of %s: %s", self.reload_generation, path, summary)
@@ -122,7 +126,6 @@ class LiveChanges:
     # --- applying a reload ----------------------------------------------------------------------
 
     def _apply(self, new: Config, plan: reload_plan.ReloadPlan) -> None:
-        old = self.config
         if "daemon" in plan.sections:
             d = new.daemon
             logging.getLogger().setLevel(d.log_level.upper())
@@ -155,7 +158,6 @@ class LiveChanges:
                 self._scale(change.name, *change.replicas)
         for name in plan.added:
             self.transitions.add(*[Start(lane=name, deployment=name) for _ in range(new.deployment(name).replicas)])
-        del old
 
     def _adopt(self, new: Config, keep_specs_of: set[str] = frozenset()) -> None:
         """Make ``new`` the running config: here, in the specs children restart with, and in the broker."""

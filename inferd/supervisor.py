@@ -111,6 +111,7 @@ class Supervisor(LiveChanges):
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.ready_ids: set[str] = set()   # workers the broker reports ready
+        self.ready_counts: dict[str, int] = {}  # deployment -> ready workers (from the broker)
         self.signals: list[int] = []
         self.phase = "running"          # running -> draining -> stopping
         self.phase_deadline = float("inf")
@@ -503,7 +504,7 @@ class Supervisor(LiveChanges):
 
     def _status_line(self) -> str:
         """systemd's STATUS=: one line, what `systemctl status` shows."""
-        counts = getattr(self, "ready_counts", {})
+        counts = self.ready_counts
         summary = ", ".join(f"{d.name} {counts.get(d.name, 0)}/{d.replicas}" for d in self.config.deployments)
         if self.reload_state == "applying":
             return f"reloading ({self.reload_note}); ready: {summary}"
