@@ -71,9 +71,9 @@ class LiveChanges:
         self.reload_generation += 1
         summary = plan.summary()
         log.info("reload %d of %s: %s", self.reload_generation, path, summary)
-        self.notifier.reloading(f"reloading: {summary}")
-        self._apply(new, plan)
         self.reload_state, self.reload_note = "applying", summary
+        self.notifier.reloading(self._status_line())
+        self._apply(new, plan)
         self._publish()
         self._maybe_reloaded()
         return True, f"reloading {path}: {summary}", {"generation": self.reload_generation}

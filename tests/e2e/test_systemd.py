@@ -170,6 +170,24 @@ def test_reload_applies_a_changed_config(service):
     assert service.show("ActiveState")["ActiveState"] == "active"
 
 
+def test_sighup_reload_is_seen_by_systemd_as_reloading_until_applied(service):
+    service.configure(echo_config(replicas=1, options="fault_injection = true\n"))
+    assert service.ctl("start").returncode == 0
+    old = service.status()["workers"][0]["pid"]
+    # A changed option rolls the worker, and the new one takes 3 s to load.
+    service.configure(echo_config(replicas=1, options="fault_injection = true\nload_delay_ms = 3000\n"))
+    service.sd.run("systemctl", "kill", "--kill-who=main", "-s", "SIGHUP", UNIT)  # no ExecReload involved
+    # RELOADING=1 (with MONOTONIC_USEC) puts the unit in "reloading", READY=1 ends it once applied.
+    wait_for(lambda: service.show("SubState")["SubState"] == "reload", timeout=5, what="systemd to see RELOADING=1")
+    assert service.show("StatusText")["StatusText"].startswith("reloading (echo: roll workers (options))")
+    with service.client() as client:  # the old worker serves meanwhile
+        assert client.complete("echo", "during the roll") == "during the roll"
+    wait_for(lambda: service.show("SubState")["SubState"] == "running", timeout=20, what="READY=1 after the reload")
+    workers = service.status()["workers"]
+    assert len(workers) == 1 and workers[0]["pid"] != old and workers[0]["state"] == "ready"
+    assert service.show("StatusText")["StatusText"] == "serving: echo 1/1"
+
+
 def test_stop_drains_every_accepted_request(service):
     assert service.ctl("start").returncode == 0
     results: dict[int, str] = {}
