@@ -471,8 +471,8 @@ class Supervisor(LiveChanges):
         was = child.state
         self.policy.clear(name)
         log.info("operator restart of %s (was %s)", name, was)
-        if child.proc is None:
-            child.state, child.restart_at = "restarting", time.monotonic()
+        if child.proc is None:  # asked for: not counted as a restart after a failure
+            child.state, child.restart_at, child.operator_restart = "restarting", time.monotonic(), True
         else:
             child.operator_restart = True
             child.proc.terminate()
