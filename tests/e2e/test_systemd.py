@@ -69,6 +69,7 @@ def systemd():
             assert out.returncode == 0, out.stdout + out.stderr
         yield sd
     finally:
+        sd.run("systemctl", "stop", UNIT)  # PrivateTmp's directory lies in this machine's /tmp: let systemd remove it
         sd.close()
 
 
