@@ -17,9 +17,9 @@ it live:
 * restart-policy keys and most ``[daemon]`` keys are the supervisor's own and
   apply at once.
 
-Keys that bind sockets or paths (the runtime dir, the frontend endpoint, the
-message size limit the sockets were created with, the node's name) cannot change
-under running processes: a plan that changes them is refused with a
+Keys that running processes were set up with (the runtime dir, every
+``[broker]`` key, ``[node]``, the CPU devices offered, the sampling interval)
+cannot change under them: a plan that changes one is refused with a
 :class:`~inferd.config.ConfigError` naming the key, like any other bad config.
 """
 
@@ -39,9 +39,12 @@ SCALE_KEYS = frozenset({"replicas"})
 # Everything else (runtime, options, max_concurrency, placement constraints) is read by a
 # worker when it starts, or decides where it runs: the workers roll.
 
-# Keys outside [[deployment]] that running processes were started with and cannot change.
-RESTART_ONLY = {"daemon": frozenset({"runtime_dir"}), "broker": frozenset({"frontend", "max_message_bytes"}),
-                "node": frozenset({"name"})}
+# Keys outside [[deployment]] that running processes were started with and cannot change: the
+# runtime dir; every [broker] key (its sockets, CURVE keys, limits and heartbeats are set up when
+# it starts, and the workers' heartbeats must match); the node ([node], the devices found).
+ALL = frozenset({"*"})
+RESTART_ONLY = {"daemon": frozenset({"runtime_dir"}), "broker": ALL, "node": ALL,
+                "devices": frozenset({"cpu_devices", "poll_interval_ms"})}
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ def plan(old: Config, new: Config) -> ReloadPlan:
     sections = {}
     for section in ("daemon", "broker", "node", "devices"):
         keys = _changed_keys(getattr(old, section), getattr(new, section))
-        fixed = [k for k in keys if k in RESTART_ONLY.get(section, ())]
+        fixed = [k for k in keys if RESTART_ONLY.get(section) is ALL or k in RESTART_ONLY.get(section, ())]
         if fixed:
             raise ConfigError(f"{new.path}: {section}.{fixed[0]}: cannot change on reload "
                               f"(the running processes were started with it); restart inferd to apply it")

@@ -27,7 +27,7 @@ def test_every_kind_of_change_is_sorted_into_what_can_be_done_live():
     new = config({**ECHO, "replicas": 2, "queue_capacity": 8, "routing": "sticky", "max_restarts": 9},
                  {"name": "rolled", "runtime": "echo", "options": {"fault_injection": True}, "replicas": 2},
                  {"name": "scaled", "runtime": "echo", "replicas": 3}, {"name": "fresh", "runtime": "echo"},
-                 daemon={"log_level": "debug"})
+                 daemon={"log_level": "debug"}, devices={"placement": "round-robin"})
     p = plan(old, new)
     assert p.added == ("fresh",) and p.removed == ("gone",)
     changes = {c.name: c for c in p.changed}
@@ -37,10 +37,10 @@ def test_every_kind_of_change_is_sorted_into_what_can_be_done_live():
     assert not echo.rolls and echo.replicas is None
     assert changes["rolled"].roll_keys == ("options",) and changes["rolled"].replicas == (1, 2)
     assert changes["scaled"].replicas == (1, 3) and not changes["scaled"].rolls
-    assert p.sections == {"daemon": ("log_level",)}
+    assert p.sections == {"daemon": ("log_level",), "devices": ("placement",)}
     assert p.summary() == ("start fresh; drain and remove gone; echo: broker settings (queue_capacity, routing), "
                            "restart policy (max_restarts); rolled: roll workers (options), scale 1 -> 2; "
-                           "scaled: scale 1 -> 3; [daemon] log_level")
+                           "scaled: scale 1 -> 3; [daemon] log_level; [devices] placement")
 
 
 @pytest.mark.parametrize("key, value", [("runtime", "torch"), ("max_concurrency", 2), ("gpus_per_replica", 2),
@@ -59,8 +59,10 @@ def test_broker_settings_change_in_place(key):
 
 
 @pytest.mark.parametrize("section, key, value", [("daemon", "runtime_dir", "/elsewhere"),
-                                                 ("broker", "frontend", "tcp://127.0.0.1:7000"),
-                                                 ("broker", "max_message_bytes", 4096), ("node", "name", "other")])
+                                                 ("broker", "frontend", "ipc:///elsewhere/frontend.sock"),
+                                                 ("broker", "max_message_bytes", 4096),
+                                                 ("broker", "heartbeat_interval_ms", 100), ("node", "name", "other"),
+                                                 ("node", "egress", False), ("devices", "cpu_devices", 2)])
 def test_keys_bound_into_running_processes_are_refused(section, key, value):
     with pytest.raises(ConfigError, match=rf"<new>: {section}\.{key}: cannot change on reload"):
         plan(config(ECHO), config(ECHO, **{section: {key: value}}))
