@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -96,8 +97,12 @@ def test_supervisord_does_not_loop_on_a_bad_config(home):
     sv = Supervisord(home, home / "run")
     try:
         wait_for(lambda: "FATAL" in sv.ctl("status", "inferd"), timeout=60, what="supervisord to give up")
-        # One start plus startretries (3) retries, each refused with the config error, and no more.
-        assert sv.output().count("deployment[0] (x).runtime: expected one of") == 4
+        # One start plus startretries (3) retries, each refused with the config error, and no more
+        # (the output is read from a pipe by a thread: it may trail supervisord's state a little).
+        refusals = lambda: sv.output().count("deployment[0] (x).runtime: expected one of")  # noqa: E731
+        wait_for(lambda: refusals() >= 4, timeout=10, what="four refusals in the output")
+        time.sleep(1)
+        assert refusals() == 4
     finally:
         sv.close()
 
