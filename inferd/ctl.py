@@ -121,6 +121,10 @@ def status(obj: Ctx, as_json: bool) -> None:
                f"{d.get('state', '?')}  {'READY' if st['ready'] else 'NOT READY'}")
     click.echo(f"runtime dir {d.get('runtime_dir', obj.runtime_dir)}  config {d.get('config', '?')}")
     click.echo(f"devices: {d.get('devices', 'unknown')}")
+    reload_state = d.get("reload") or {}
+    if reload_state.get("state") in ("applying", "refused"):  # what a reload is doing, or why it was refused
+        click.echo(f"reload {reload_state['generation']}: {reload_state['state']}: {reload_state.get('note', '')}"
+                   + (f" (pending: {'; '.join(reload_state['pending'])})" if reload_state.get("pending") else ""))
     click.echo(f"broker pid {b['pid']}  {b['state']}  up {b['uptime_s']} s  "
                f"restarts {d.get('broker_restarts', 0)}")
     click.echo("")

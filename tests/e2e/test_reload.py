@@ -113,6 +113,8 @@ def test_bad_reload_is_refused_and_the_old_config_keeps_serving(make_daemon, tmp
     with daemon.client() as client:
         assert client.complete("echo", "still serving") == "still serving"
     assert daemon.status()["daemon"]["config"] == str(daemon.config_path)
+    shown = inferctl(daemon.runtime_dir, "status").stdout  # the last refusal, and why
+    assert "reload 0: refused: bad config: " in shown and "daemon.runtime_dir: cannot change on reload" in shown
     # SIGHUP reloads the file the daemon runs; a good one now.
     daemon.config_path.write_text(echo_config(replicas=2))
     daemon.signal(signal.SIGHUP)
