@@ -233,6 +233,7 @@ class Supervisor(LiveChanges):
     def _begin_drain(self, grace: float) -> None:
         self.phase = "draining"
         self.notifier.notify(stopping="1", status="draining")
+        self.next_extend = 0.0  # at once: the stop timeout now follows drain_grace_s
         self._publish()
         if self.broker_peer is None or self.broker.proc is None:
             self._begin_stop()
@@ -278,7 +279,10 @@ class Supervisor(LiveChanges):
             self.next_extend = now + EXTEND_EVERY_S
             loading = any(c.proc is not None and c.name not in self.ready_ids for c in self.workers)
             starting = not self.all_ready_once and now - self.started_mono < self.config.daemon.start_timeout_s
-            if self.phase == "running" and loading and (starting or self.reload_state == "applying"):
+            # A drain and the stop after it are bounded by drain_grace_s and stop_timeout_s: the
+            # stop timeout follows them, whatever TimeoutStopSec says.
+            stopping = self.phase != "running" and now < self.phase_deadline < float("inf")
+            if stopping or (self.phase == "running" and loading and (starting or self.reload_state == "applying")):
                 self.notifier.extend_timeout(EXTEND_BY_S)
         if now >= self.next_poll:
             self.next_poll = now + self.config.devices.poll_interval_ms / 1000

@@ -76,7 +76,8 @@ TimeoutStartSec=90
 # The main loop sends WATCHDOG=1 every WatchdogSec/2: a wedged supervisor is killed and restarted.
 WatchdogSec=30
 # SIGTERM to the supervisor only: it drains (drain_grace_s), then stops its children itself
-# (stop_timeout_s). Whatever is left after TimeoutStopSec gets SIGKILL.
+# (stop_timeout_s), extending TimeoutStopSec meanwhile (EXTEND_TIMEOUT_USEC). Whatever is left
+# after that gets SIGKILL.
 KillMode=mixed
 KillSignal=SIGTERM
 TimeoutStopSec=50
