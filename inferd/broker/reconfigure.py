@@ -48,15 +48,11 @@ def apply(core: "BrokerCore", config: Config, grace_s: float) -> None:
                  name, len(dep.queue), core.in_flight(dep), grace_s)
     for name, cfg in new.items():
         dep = core.deployments.get(name)
-        if dep is None:
-            retired = core.retiring.pop(name, None)
-            if retired is not None:  # removed, then added back before it had drained: keep it
-                dep = core.deployments[name] = retired[0]
-            else:
-                core.deployments[name] = Deployment(cfg, make_router(cfg))
-                log.info("deployment %s added by a reload", name)
-                continue
-        _reconfigure(dep, cfg, make_router)
+        if dep is None:  # (the supervisor refuses a reload while a removed deployment still drains)
+            core.deployments[name] = Deployment(cfg, make_router(cfg))
+            log.info("deployment %s added by a reload", name)
+        else:
+            _reconfigure(dep, cfg, make_router)
     core._report_readiness()
 
 

@@ -155,3 +155,4 @@ def test_cancel_lane_keeps_only_the_running_op():
     t.cancel_lane("a")
     t.ready("n0")
     assert t.idle and rec.log == [("spawn", "a", "n0")]
+
