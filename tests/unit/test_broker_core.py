@@ -1857,8 +1857,8 @@ def test_a_removed_deployment_fails_what_is_left_when_the_grace_ends():
 
 def test_a_draining_worker_gets_no_new_request_and_is_reported_idle():
     h = Harness()
-    h.ready("echo-0", credits=2)
-    h.ready("echo-1", credits=2)
+    for wid in ("echo-0", "echo-1"):
+        h.ready(wid, credits=2)
     h.submit("a")
     (wid, rid, _), = h.requests_sent(h.take())
     h.core.on_supervisor(P.encode(P.SUPERVISOR, P.DRAIN_WORKER, {"worker": wid, "grace_s": 10.0}))
