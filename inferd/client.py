@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import os
 import time
@@ -62,9 +63,13 @@ def _check_reachable(endpoint: str) -> None:
         raise errors.DaemonNotRunning(f"inferd is not running: no socket at {endpoint[len('ipc://'):]}")
 
 
-def _submit_body(cid: int, deployment: str, prompt: str, priority: int | None, deadline_ms: int | None,
-                 affinity: str | None, params: dict[str, Any]) -> dict[str, Any]:
-    body: dict[str, Any] = {"id": cid, "deployment": deployment, "prompt": prompt}
+def _submit_body(cid: int, deployment: str, prompt: str | None, priority: int | None, deadline_ms: int | None,
+                 affinity: str | None, params: dict[str, Any], messages: list | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": cid, "deployment": deployment}
+    if prompt is not None:
+        body["prompt"] = prompt
+    if messages is not None:
+        body["messages"] = messages
     if priority is not None:
         body["priority"] = priority
     if deadline_ms is not None:
@@ -387,16 +392,32 @@ class AsyncClient:
                        deadline_ms: int | None = None, affinity: str | None = None,
                        **params: Any) -> AsyncIterator[Chunk]:
         """Submit a request and yield its chunks; leaving the loop early cancels it."""
+        last: Chunk | None = None
+        # aclosing: leaving this loop early must close (and so cancel) the request now, not at collection.
+        async with contextlib.aclosing(self.request(deployment, prompt, priority=priority, deadline_ms=deadline_ms,
+                                                    affinity=affinity, params=params)) as messages:
+            async for command, body in messages:
+                if command == P.CHUNK:
+                    last = Chunk(body.get("text", ""), body.get("index", 0), body.get("finish_reason"))
+                    yield last
+                elif command == P.DONE and (last is None or last.finish_reason is None):
+                    yield Chunk("", last.index + 1 if last else 0, body.get("finish_reason"))
+
+    async def request(self, deployment: str, prompt: str | None = None, *, messages: list | None = None,
+                      priority: int | None = None, deadline_ms: int | None = None, affinity: str | None = None,
+                      params: dict[str, Any] | None = None) -> AsyncIterator[tuple[bytes, dict[str, Any]]]:
+        """Submit a request and yield its broker messages as they are: ACCEPTED, each CHUNK, then DONE
+        (with ``usage`` where the runtime reports it). An ERROR raises its typed exception. Give exactly
+        one of ``prompt`` and ``messages`` (a chat). Leaving the loop early cancels the request."""
         self._ensure_reader()
         cid = next(self._ids)
         box = self._inbox[cid] = asyncio.Queue()
         tracker = _Tracker(deadline_ms, self.liveness_s, self.answer_timeout_s)
         finished = False
         epoch = None
-        last: Chunk | None = None
         try:
             await self._send(P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms, affinity,
-                                                    params))
+                                                    params or {}, messages))
             while True:
                 try:
                     command, body = await _next(box, tracker.wait_s(time.monotonic()) or 1e-3)
@@ -413,13 +434,12 @@ class AsyncClient:
                 tracker.heard(time.monotonic())
                 if command == P.ACCEPTED:
                     epoch = body.get("epoch")
+                    yield command, body
                 elif command == P.CHUNK:
-                    last = Chunk(body.get("text", ""), body.get("index", 0), body.get("finish_reason"))
-                    yield last
+                    yield command, body
                 elif command == P.DONE:
                     finished = True
-                    if last is None or last.finish_reason is None:
-                        yield Chunk("", last.index + 1 if last else 0, body.get("finish_reason"))
+                    yield command, body
                     return
                 elif command == P.ERROR:
                     finished = True

@@ -33,6 +33,8 @@ class RuntimeSpec:
     # Modules the runner imports that inferd itself does not require (an extra's packages).
     requires: tuple[str, ...] = ()
     install_hint: str = ""
+    # Takes a chat (SUBMIT's ``messages``) as well as a prompt.
+    chat: bool = False
 
     def missing_modules(self) -> list[str]:
         """The required modules that are not installed; found without importing them."""
@@ -82,6 +84,7 @@ SPECS: dict[str, RuntimeSpec] = {
         },
         gated={"fault": "fault_injection", "load_fault": "fault_injection"},
         chunk_joiner=" ",
+        chat=True,
     ),
     "torch": RuntimeSpec(
         name="torch",
