@@ -78,6 +78,9 @@ SPECS: dict[str, RuntimeSpec] = {
             "fault": Param(str, f"one of {', '.join(ECHO_FAULTS)}", lambda v: v in ECHO_FAULTS),
         },
         options={
+            # The default pause between words (a request's delay_ms overrides it): a stand-in for a
+            # model's time per token, for demos, tests and benchmarks through APIs without the param.
+            "delay_ms": Param(int, "an integer between 0 and 10000", lambda v: 0 <= v <= 10_000),
             # Test-only faults; off unless a config turns them on.
             "fault_injection": _BOOL,
             "load_fault": Param(str, "\"unrecoverable\"", lambda v: v == "unrecoverable"),
