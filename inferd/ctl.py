@@ -254,7 +254,7 @@ def metrics(obj: Ctx, as_json: bool) -> None:
     click.echo("")
     rows = []
     for name, v in m.items():
-        for dist in ("queue_ms", "first_chunk_ms", "latency_ms"):
+        for dist in ("queue_ms", "first_chunk_ms", "inter_chunk_ms", "latency_ms"):
             s = v[dist]
             rows.append([name, dist, s["count"], _ms(s, "p50"), _ms(s, "p90"), _ms(s, "p99"), _ms(s, "max")])
     click.echo(_table(["DEPLOYMENT", "DISTRIBUTION", "COUNT", "P50", "P90", "P99", "MAX"], rows))
