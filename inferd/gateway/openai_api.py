@@ -40,6 +40,9 @@ STATUS = {
     ErrorCode.WORKER_LOST: (503, "server_error"),
     ErrorCode.CONTEXT_POISONED: (503, "server_error"),
     ErrorCode.OUT_OF_MEMORY: (503, "server_error"),
+    # The gateway's own connection to the broker was reset or read too slowly: retry.
+    ErrorCode.SLOW_READER: (503, "server_error"),
+    ErrorCode.CONNECTION_RESET: (503, "server_error"),
     ErrorCode.CANCELLED: (499, "cancelled"),  # only ever seen by a client that has gone
     ErrorCode.INTERNAL: (500, "server_error"),
 }
