@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 import zmq
-import zmq.asyncio
 
 from inferd import errors, protocol as P, zmqio
 from inferd.paths import default_runtime_dir
@@ -320,13 +319,15 @@ class AsyncClient:
         _check_reachable(self.endpoint)
         self.answer_timeout_s = answer_timeout_s
         self.liveness_s = liveness_s
-        self._ctx = zmq.asyncio.Context.instance()
+        # A plain socket watched with the loop's add_reader, not zmq.asyncio: a future per
+        # message costs more than the message (one per token), and a gateway sends thousands a second.
+        self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.endpoint)
         self._ids = itertools.count(1)
         self._inbox: dict[Any, asyncio.Queue] = {}
-        self._reader: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -335,30 +336,21 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+        if self._loop is not None and not self._sock.closed:
+            self._loop.remove_reader(self._sock.FD)
         self._sock.close(0)
 
     def _ensure_reader(self) -> None:
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._sock.FD, self._drain)
 
-    async def _read(self) -> None:
-        # Once a message is in, take every other one already waiting through a plain shadow
-        # of the socket: a future per message costs more than the message (one per token).
-        waiting = zmq.Socket.shadow(self._sock.underlying)
-        while True:
-            self._deliver(await self._sock.recv_multipart())
-            while True:
-                try:
-                    frames = waiting.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._deliver(frames)
+    def _drain(self) -> None:
+        """Deliver every message waiting. ZeroMQ's FD is edge-triggered: it signals that the
+        socket's state changed, so the socket is read until ZMQ_EVENTS has no POLLIN left."""
+        sock = self._sock
+        while not sock.closed and sock.EVENTS & zmq.POLLIN:
+            self._deliver(sock.recv_multipart(zmq.NOBLOCK))
 
     def _deliver(self, frames: list[bytes]) -> None:
         try:
@@ -370,7 +362,20 @@ class AsyncClient:
             box.put_nowait((command, body))
 
     async def _send(self, command: bytes, body: dict[str, Any]) -> None:
-        await self._sock.send_multipart(P.encode(P.CLIENT, command, body))
+        frames = P.encode(P.CLIENT, command, body)
+        give_up = None
+        while True:
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
+                break
+            except zmq.Again:  # no broker connected yet, or its pipe is full: wait as a blocking send would
+                now = time.monotonic()
+                give_up = give_up or now + self.answer_timeout_s
+                if now > give_up:
+                    raise errors.Unavailable(f"cannot send to inferd at {self.endpoint}") from None
+                await asyncio.sleep(0.005)
+        # A send may take the FD's edge for messages that arrived meanwhile: read them now.
+        self._drain()
 
     async def ping(self) -> dict[str, Any]:
         self._ensure_reader()
