@@ -347,10 +347,14 @@ class AsyncClient:
 
     def _drain(self) -> None:
         """Deliver every message waiting. ZeroMQ's FD is edge-triggered: it signals that the
-        socket's state changed, so the socket is read until ZMQ_EVENTS has no POLLIN left."""
+        socket's state changed, so the socket is read until it has nothing left."""
         sock = self._sock
-        while not sock.closed and sock.EVENTS & zmq.POLLIN:
-            self._deliver(sock.recv_multipart(zmq.NOBLOCK))
+        while not sock.closed:
+            try:
+                frames = zmqio.recv(sock, zmqio.DONTWAIT)
+            except zmq.Again:
+                return
+            self._deliver(frames)
 
     def _deliver(self, frames: list[bytes]) -> None:
         try:
@@ -366,7 +370,7 @@ class AsyncClient:
         give_up = None
         while True:
             try:
-                self._sock.send_multipart(frames, zmq.NOBLOCK)
+                zmqio.send(self._sock, frames, zmqio.DONTWAIT)
                 break
             except zmq.Again:  # no broker connected yet, or its pipe is full: wait as a blocking send would
                 now = time.monotonic()
