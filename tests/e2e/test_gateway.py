@@ -197,6 +197,17 @@ def test_sse_framing(gateway):
     assert {b["object"] for b in bodies} == {"chat.completion.chunk"}
 
 
+def test_an_error_after_streaming_began_is_a_final_sse_event(make_gateway):
+    gw = make_gateway(replicas=1, options="delay_ms = 100")
+    status, head, data = gw.request("POST", "/v1/completions", {"model": "echo", "prompt": WORDS, "stream": True},
+                                    headers={"X-Inferd-Deadline-Ms": "250"})
+    assert status == 200  # the first word came at once, so the response had begun
+    events = [json.loads(e) for e in sse_events(data)]  # no [DONE]: the stream ended on the error
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["the", " quick", " brown"]
+    assert set(events[-1]) == {"error"} and events[-1]["error"]["code"] == "deadline_exceeded"
+    assert events[-1]["error"]["type"] == "timeout_error" and "250 ms" in events[-1]["error"]["message"]
+
+
 def assert_error(status: int, body: dict, expected_status: int, code: str) -> str:
     assert status == expected_status, body
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code", "param"}
@@ -415,9 +426,25 @@ def test_api_keys_from_env_and_file(make_gateway, tmp_path, monkeypatch):
 # --- the gateway process under supervision ----------------------------------------------------------
 
 
+def unix_sockets(pid: int) -> int:
+    """How many unix-domain sockets (ZeroMQ's ipc connections) the process holds."""
+    with open("/proc/net/unix") as fh:
+        inodes = {line.split()[6] for line in fh.readlines()[1:]}
+    links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    return sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in inodes)
+
+
+def test_the_gateway_never_loads_torch(gateway):
+    assert gateway.sdk().completions.create(model="echo", prompt="x").choices[0].text == "x"
+    with open(f"/proc/{gateway.pid()}/maps") as fh:
+        assert not [line for line in fh if "torch" in line]
+
+
 def test_gateway_killed_under_load_is_restarted_and_requests_fail_fast(make_gateway):
     gw = make_gateway(replicas=2, options="delay_ms = 50")
     first = gw.pid()
+    idle_sockets = unix_sockets(first)
+    assert idle_sockets >= 2  # the frontend and the control socket: the count sees ZeroMQ's connections
     outcomes: list[str] = []
 
     async def one(session: aiohttp.ClientSession, stream: bool) -> None:
@@ -434,6 +461,8 @@ def test_gateway_killed_under_load_is_restarted_and_requests_fail_fast(make_gate
         async with aiohttp.ClientSession(timeout=timeout) as session:
             tasks = [asyncio.ensure_future(one(session, i % 2 == 0)) for i in range(16)]
             await asyncio.sleep(1.0)
+            # 16 requests in flight share the gateway's ZeroMQ sockets: none was opened for them.
+            assert unix_sockets(first) == idle_sockets
             os.kill(first, signal.SIGKILL)
             started = time.monotonic()
             await asyncio.gather(*tasks)
