@@ -24,13 +24,7 @@ class Echo(ls.LitAPI):
         return {"text": output}
 
 
-class EchoStream(ls.LitAPI):
-    def setup(self, device):
-        pass
-
-    def decode_request(self, request):
-        return request["prompt"]
-
+class EchoStream(Echo):
     def predict(self, prompt):
         yield from prompt.split()
 
