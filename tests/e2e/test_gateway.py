@@ -493,3 +493,23 @@ def test_a_port_in_use_leaves_the_gateway_down_and_zeromq_serving(make_daemon):
         with daemon.client() as client:
             assert client.complete("echo", "still serving") == "still serving"
         assert daemon.proc.poll() is None
+
+
+def test_the_gateway_outlives_a_broker_restart(gateway):
+    old = gateway.daemon.status()["broker"]["pid"]
+    os.kill(old, signal.SIGKILL)
+
+    def new_broker():
+        try:
+            return gateway.daemon.status()["broker"]["pid"] != old
+        except Exception:
+            return False
+    wait_for(new_broker, what="a new broker")
+    first = gateway.pid()
+
+    def served():
+        status, _, body = gateway.post("/v1/completions", {"model": "echo", "prompt": "after the restart"})
+        return status == 200 and body["choices"][0]["text"] == "after the restart"
+    wait_for(served, timeout=15, interval=0.2, what="the gateway to serve through the new broker")
+    assert gateway.get("/health")[0] == 200 and gateway.get("/ready")[0] == 200
+    assert gateway.pid() == first  # the same gateway process: it reconnected, it was not restarted
