@@ -111,6 +111,10 @@ def status(obj: Ctx, as_json: bool) -> None:
     click.echo(f"devices: {d.get('devices', 'unknown')}")
     click.echo(f"broker pid {b['pid']}  {b['state']}  up {b['uptime_s']} s  "
                f"restarts {d.get('broker_restarts', 0)}")
+    gw = d.get("gateway")
+    if gw:
+        click.echo(f"gateway {gw['url']}  pid {gw['pid'] or '-'}  {gw['state']}  restarts {gw['restarts']}"
+                   + (f"  last exit: {gw['last_exit']}" if gw["last_exit"] else ""))
     click.echo("")
     click.echo(_table(["DEPLOYMENT", "RUNTIME", "STATE", "READY", "QUEUED", "IN_FLIGHT"],
                       [[n, v["runtime"], v["state"], f"{v['ready']}/{v['replicas']}", v["queued"], v["in_flight"]]

@@ -297,7 +297,7 @@ class Supervisor:
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)%s", child.name, child.proc.pid,
                  f" on {child.plan.device_ids}" if child.plan else "")
-        if child.plan is not None:
+        if child.plan is not None or child is self.gateway:
             self._publish()
 
     def _reap(self) -> None:
@@ -328,7 +328,7 @@ class Supervisor:
                 child.state, child.restart_at = "restarting", now
             else:
                 self._decide(child, pid, failure, now)
-            if child.plan is not None:
+            if child.plan is not None or child is self.gateway:
                 self._publish()
 
     def _decide(self, child: Child, pid: int, failure: Failure, now: float) -> None:
@@ -443,10 +443,17 @@ class Supervisor:
             "daemon": {"pid": os.getpid(), "version": __version__, "config": self.config.path,
                        "runtime_dir": str(self.endpoints.runtime_dir), "state": self.phase,
                        "started_at": self.started, "devices": self.source.note, "node": self.config.node.name,
-                       "broker_restarts": self.broker.restarts},
+                       "broker_restarts": self.broker.restarts, "gateway": self._gateway_row()},
             "devices": self._device_rows(),
             "workers": [c.row() for c in self.workers],
         })
+
+    def _gateway_row(self) -> dict[str, Any] | None:
+        if self.gateway is None:
+            return None
+        gw = self.config.gateway
+        return {"url": f"http://{gw.host}:{gw.port}", "pid": self.gateway.pid or 0, "state": self.gateway.state,
+                "restarts": self.gateway.restarts, "last_exit": self.gateway.last_exit}
 
     def _device_rows(self) -> list[dict[str, Any]]:
         load = self.device_load()

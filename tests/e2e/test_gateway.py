@@ -474,6 +474,9 @@ def test_gateway_killed_under_load_is_restarted_and_requests_fail_fast(make_gate
     assert elapsed < 3, elapsed
     wait_for(lambda: gw.pid() != first, what="the gateway to be restarted")
     gw.wait_healthy()
+    row = gw.daemon.status()["daemon"]["gateway"]  # what `inferctl status` shows
+    assert (row["url"], row["pid"], row["state"], row["restarts"]) == (gw.url, gw.pid(), "running", 1)
+    assert row["last_exit"] == "killed by SIGKILL"
     assert "gateway (pid %d) killed by SIGKILL" % first in gw.daemon.logs()
     status, _, body = gw.post("/v1/completions", {"model": "echo", "prompt": "back again"})
     assert status == 200 and body["choices"][0]["text"] == "back again"
@@ -490,6 +493,8 @@ def test_a_port_in_use_leaves_the_gateway_down_and_zeromq_serving(make_daemon):
         wait_for(lambda: "gateway (pid" in daemon.logs() and "stays down" in daemon.logs(),
                  what="the gateway to be left down")
         assert "cannot listen on 127.0.0.1:%d" % port in daemon.logs()
+        row = wait_for(lambda: daemon.status()["daemon"]["gateway"], what="the gateway's row")
+        assert row["state"] == "failed" and row["pid"] == 0 and "unrecoverable" in row["last_exit"]
         with daemon.client() as client:
             assert client.complete("echo", "still serving") == "still serving"
         assert daemon.proc.poll() is None
