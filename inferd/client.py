@@ -328,6 +328,8 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._inbox: dict[Any, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: collections.deque[list[bytes]] = collections.deque()
+        self._stuck_since: float | None = None
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -366,18 +368,30 @@ class AsyncClient:
             box.put_nowait((command, body))
 
     async def _send(self, command: bytes, body: dict[str, Any]) -> None:
-        frames = P.encode(P.CLIENT, command, body)
-        give_up = None
-        while True:
+        """Queue a message; the loop sends what its tasks queued in one go, once they have run.
+
+        ZeroMQ wakes its I/O thread for a send into an idle pipe: sent one by one, every
+        request of a busy gateway pays that wake-up; sent together, they share one.
+        """
+        self._outbox.append(P.encode(P.CLIENT, command, body))
+        if len(self._outbox) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        sock = self._sock
+        while self._outbox and not sock.closed:
             try:
-                zmqio.send(self._sock, frames, zmqio.DONTWAIT)
-                break
-            except zmq.Again:  # no broker connected yet, or its pipe is full: wait as a blocking send would
+                zmqio.send(sock, self._outbox[0], zmqio.DONTWAIT)
+            except zmq.Again:  # no broker connected yet, or its pipe is full: try again shortly
                 now = time.monotonic()
-                give_up = give_up or now + self.answer_timeout_s
-                if now > give_up:
-                    raise errors.Unavailable(f"cannot send to inferd at {self.endpoint}") from None
-                await asyncio.sleep(0.005)
+                self._stuck_since = self._stuck_since or now
+                if now - self._stuck_since > self.answer_timeout_s:
+                    self._outbox.clear()  # their requests give up by themselves (no answer)
+                else:
+                    self._loop.call_later(0.005, self._flush)
+                return
+            self._outbox.popleft()
+        self._stuck_since = None
         # A send may take the FD's edge for messages that arrived meanwhile: read them now.
         self._drain()
 
