@@ -109,6 +109,10 @@ class GatewayConfig:
     api_keys_env: str = _opt("INFERD_API_KEYS", kind=str, expect="an environment variable name",
                              check=lambda v: 0 < len(v) <= 255 and "=" not in v)
     api_keys_file: str | None = _opt(None, kind=str, expect="a file path", check=lambda v: len(v) > 0)
+    # With a tcp:// CURVE frontend: this client's key pair (a .key_secret whose .key is among
+    # broker.curve_allowed_clients); the server's public key is read from broker.curve_secret_key.
+    curve_client_key: str | None = _opt(None, kind=str, expect="the path of the gateway's .key_secret file",
+                                        check=lambda v: len(v) > 0)
 
 
 DEVICE_POLICIES = ("least-loaded", "round-robin")
@@ -260,6 +264,9 @@ def parse(raw: dict[str, Any], path: str = "<config>") -> Config:
         if not isinstance(gateway, dict):
             raise ConfigError(f"{path}: gateway: expected a table [gateway]")
         sections["gateway"] = _build(GatewayConfig, gateway, "gateway", path)
+        if sections["broker"].curve_secret_key and not sections["gateway"].curve_client_key:
+            raise ConfigError(f"{path}: gateway.curve_client_key: missing; expected the gateway's .key_secret "
+                              f"(its .key in broker.curve_allowed_clients), since the frontend requires CURVE")
 
     deployments_raw = raw.get("deployment", [])
     if not isinstance(deployments_raw, list) or not all(isinstance(d, dict) for d in deployments_raw):

@@ -1,7 +1,8 @@
 """The gateway process: load the API keys, wait for the broker, serve HTTP until SIGTERM.
 
 It never imports torch. It binds one TCP listener (loopback by default) and
-talks to the broker as an ordinary client. A port it cannot bind, or an API
+talks to the broker as an ordinary client (with CURVE keys when the frontend
+is a tcp:// one that requires them). A port it cannot bind, or an API
 key file it cannot read, is a configuration problem that a restart will not
 fix: it exits with the unrecoverable status and the supervisor leaves it down
 (the daemon keeps serving over ZeroMQ).
@@ -20,7 +21,7 @@ from pathlib import Path
 import zmq.asyncio
 from aiohttp import web
 
-from inferd import exitcodes
+from inferd import curve, exitcodes
 from inferd.client import AsyncClient
 from inferd.config import Config
 from inferd.gateway.app import Control, Gateway, load_api_keys
@@ -54,7 +55,10 @@ async def serve(config: Config, endpoints: Endpoints, api_keys: frozenset[str]) 
         loop.add_signal_handler(sig, stop.set)
     await _wait_for_socket(endpoints.frontend)
     await _wait_for_socket(endpoints.control)
-    client = AsyncClient(endpoints.frontend, answer_timeout_s=2.0)
+    keys = None
+    if gw.curve_client_key:
+        keys = curve.ClientKeys.load(config.broker.curve_secret_key, gw.curve_client_key)
+    client = AsyncClient(endpoints.frontend, answer_timeout_s=2.0, curve_keys=keys)
     control = Control(zmq.asyncio.Context.instance(), endpoints.control)
     gateway = Gateway(config, client, control, api_keys)
     runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None,
@@ -90,6 +94,9 @@ def main() -> None:
     endpoints = Endpoints.for_dir(Path(spec["runtime_dir"]), spec.get("frontend"))
     try:
         sys.exit(asyncio.run(serve(config, endpoints, keys)))
+    except curve.CurveKeyError as exc:
+        log.error("gateway.curve_client_key: %s", exc)
+        sys.exit(exitcodes.WORKER_UNRECOVERABLE)
     except Exception:
         log.exception("gateway crashed")
         sys.exit(exitcodes.FAILURE)

@@ -518,3 +518,19 @@ def test_the_gateway_outlives_a_broker_restart(gateway):
     wait_for(served, timeout=15, interval=0.2, what="the gateway to serve through the new broker")
     assert gateway.get("/health")[0] == 200 and gateway.get("/ready")[0] == 200
     assert gateway.pid() == first  # the same gateway process: it reconnected, it was not restarted
+
+
+def test_the_gateway_reaches_a_curve_tcp_frontend_with_its_own_key(make_daemon, tmp_path):
+    from inferd import curve
+
+    keys = tmp_path / "keys"
+    _, server_secret = curve.generate(keys / "server", "server")
+    _, gateway_secret = curve.generate(keys / "clients", "gateway")
+    port = free_port()
+    broker = (f'frontend = "tcp://127.0.0.1:{free_port()}"\ncurve_secret_key = "{server_secret}"\n'
+              f'curve_allowed_clients = "{keys / "clients"}"\n')
+    daemon = make_daemon(gateway_config(port, gateway=f'curve_client_key = "{gateway_secret}"', broker=broker,
+                                        replicas=1))
+    gw = Gateway(daemon, port)
+    gw.wait_healthy()
+    assert gw.sdk().completions.create(model="echo", prompt="over curve").choices[0].text == "over curve"

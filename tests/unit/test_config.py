@@ -393,3 +393,12 @@ def test_an_unauthenticated_tcp_frontend_is_refused(broker, expect):
 def test_curve_or_an_explicit_loopback_tcp_frontend_is_accepted(broker):
     cfg = parse({"broker": broker, "deployment": [{"name": "e", "runtime": "echo"}]}, "f.toml")
     assert cfg.broker.frontend == broker["frontend"]
+
+
+def test_a_curve_frontend_needs_the_gateway_key(tmp_path):
+    base = {"deployment": [{"name": "e", "runtime": "echo"}],
+            "broker": {"frontend": "tcp://0.0.0.0:5555", "curve_secret_key": "/k/s.key_secret",
+                       "curve_allowed_clients": "/k/c"}}
+    assert "gateway.curve_client_key: missing" in error_of({**base, "gateway": {}})
+    cfg = parse({**base, "gateway": {"curve_client_key": "/k/c/gw.key_secret"}})
+    assert cfg.gateway.curve_client_key == "/k/c/gw.key_secret"
