@@ -106,7 +106,8 @@ class Job:
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1, None), "best_of": (1, None), "presence_penalty": (0, None), "frequency_penalty": (0, None),
     "logit_bias": (None, {}), "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (False, None),
-    "suffix": (None, ""), "parallel_tool_calls": (None, True, False), "tools": (None, []), "tool_choice": (None, "none"),
+    "suffix": (None, ""), "parallel_tool_calls": (None, True, False), "tools": (None, []),
+    "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"),
 }
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop", "user",
