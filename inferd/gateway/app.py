@@ -108,6 +108,8 @@ def error_response(error: api.ApiError) -> web.Response:
 
 
 def _from_exception(exc: errors.InferdError) -> api.ApiError:
+    if isinstance(exc, errors.MessageTooLarge):  # within max_body_bytes, over the broker's max_message_bytes
+        return api.ApiError(413, exc.message, code="request_too_large")
     return api.from_inferd(exc.code, exc.message, exc.details)
 
 

@@ -261,6 +261,13 @@ def test_malformed_requests_get_400_or_413_never_500(gateway):
     assert got == 200 and data["choices"][0]["text"] == "still here"
 
 
+def test_a_body_within_the_gateway_limit_but_over_the_brokers_gets_413(make_gateway):
+    gw = make_gateway(gateway="max_body_bytes = 4194304")  # the broker's max_message_bytes stays 1 MiB
+    status, _, body = gw.post("/v1/completions", {"model": "echo", "prompt": "w " * 1_000_000})
+    assert "max_message_bytes" in assert_error(status, body, 413, "request_too_large")
+    assert gw.post("/v1/completions", {"model": "echo", "prompt": "fine"})[0] == 200
+
+
 def test_full_queue_gets_429_with_retry_after(make_gateway):
     gw = make_gateway(replicas=1, max_concurrency=1, queue_capacity=1)
     with gw.daemon.client() as client:
