@@ -541,3 +541,32 @@ def test_the_gateway_reaches_a_curve_tcp_frontend_with_its_own_key(make_daemon, 
     gw = Gateway(daemon, port)
     gw.wait_healthy()
     assert gw.sdk().completions.create(model="echo", prompt="over curve").choices[0].text == "over curve"
+
+
+def test_a_draining_daemon_finishes_http_requests_and_refuses_new_ones(make_gateway):
+    gw = make_gateway(replicas=1, options="delay_ms = 100")
+    results: dict[str, object] = {}
+
+    async def slow() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            async with session.post(f"{gw.url}/v1/completions",
+                                    json={"model": "echo", "prompt": " ".join(["w"] * 15)}) as response:
+                results["slow"] = (response.status, await response.json())
+
+    async def main():
+        task = asyncio.ensure_future(slow())
+        await asyncio.sleep(0.5)  # running on the worker
+        gw.daemon.signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        results["new"] = await asyncio.to_thread(gw.post, "/v1/completions", {"model": "echo", "prompt": "x"})
+        results["ready"] = await asyncio.to_thread(gw.get, "/ready")
+        await task
+
+    asyncio.run(main())
+    status, _, body = results["new"]
+    assert_error(status, body, 503, "shutting_down")
+    assert results["ready"][0] == 503 and results["ready"][1]["draining"] is True
+    status, body = results["slow"]  # the in-flight request finished within the grace period
+    assert status == 200 and body["choices"][0]["text"] == " ".join(["w"] * 15)
+    assert gw.daemon.wait(20) == 0
+    assert "gateway (pid" in gw.daemon.logs() and "gateway stopping" in gw.daemon.logs()
