@@ -215,7 +215,7 @@ class Gateway:
         try:
             while command == P.CHUNK:
                 text = body.get("text", "")
-                out.append(api.sse(reply.delta(join + text if body.get("index") else text)))
+                out.append(reply.text_event(join + text if body.get("index") else text))
                 await response.write(b"".join(out))
                 out.clear()
                 command, body = await anext(messages)

@@ -115,3 +115,12 @@ def test_reply_bodies_and_usage_fallback():
     assert chat.whole("a", {"chunks": 1})["choices"][0]["message"] == {"role": "assistant", "content": "a"}
     assert api.sse({"a": 1}) == b'data: {"a":1}\n\n'
     assert json.loads(api.sse(chat.usage_chunk({"chunks": 1}))[6:])["choices"] == []
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_text_event_template_equals_the_whole_event(chat):
+    body = {"model": 'a "model"\n', "messages": [{"role": "user", "content": "x"}]} if chat else {
+        "model": "m\u00e9", "prompt": "x"}
+    reply = api.Reply(job(body, chat=chat))
+    for text in ("", "word", ' "quoted" ', "new\nline", "caf\u00e9 \U0001f600", "\\", "\x00"):
+        assert reply.text_event(text) == api.sse(reply.delta(text))
