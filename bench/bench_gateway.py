@@ -1,7 +1,9 @@
 """The HTTP gateway against LitServe and Ray Serve echo servers, and against inferd's own ZeroMQ path.
 
-One run, one client. Each system is started alone (so that an idle one does
-not take CPU from the one measured), warmed up, driven, and stopped:
+One run, one client. inferd and LitServe run side by side and alternate, five
+rounds per figure, so that the drift of a busy machine hits both alike; Ray
+Serve runs alone afterwards (an idle Ray cluster takes CPU from whoever runs
+beside it):
 
 * inferd: a daemon with one echo worker and its gateway (POST /v1/completions);
 * LitServe and Ray Serve: the echo servers of ``bench/peers/``, run by a
@@ -45,6 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 PEER_PACKAGES = ["litserve", "ray[serve]"]
 CONNECTIONS = 64
+ROUNDS = 5             # inferd and LitServe alternate this many times per figure
+ROUND_WARMUP_S = 0.3   # connections opened and a few requests before each round counts
 STREAM_PROMPT = "one two three four five six seven eight"
 INFERD_CONFIG = """\
 [daemon]
@@ -138,7 +142,7 @@ async def _connection(port: int, request: bytes, expect: bytes, until: float, re
         writer.close()
 
 
-def http_load(port: int, request: bytes, expect: bytes, seconds: float, warmup: float) -> dict:
+def http_latencies(port: int, request: bytes, expect: bytes, seconds: float, warmup: float) -> list[float]:
     latencies: list[float] = []
 
     async def run() -> None:
@@ -147,7 +151,7 @@ def http_load(port: int, request: bytes, expect: bytes, seconds: float, warmup: 
                                for _ in range(CONNECTIONS)))
 
     asyncio.run(run())
-    return summarize(latencies, seconds)
+    return latencies
 
 
 def http_serial(port: int, request: bytes, expect: bytes, count: int) -> dict:
@@ -320,9 +324,30 @@ def start_peer(name: str, python: Path, home: Path) -> System:
     return system
 
 
-def measure(system: System, seconds: float, warmup: float) -> dict:
-    return {"plain": http_load(system.port, system.plain, b"ping", seconds, warmup),
-            "stream": http_load(system.port, system.stream, b"eight", seconds, warmup)}
+def _start_or_say(name: str, python: Path, home: Path, results: dict) -> System | None:
+    try:
+        return start_peer(name, python, home)
+    except Exception as exc:
+        print(f"{name} not measured: {exc}", flush=True)
+        results[name] = {"error": str(exc)}
+        return None
+
+
+def measure(systems: list[System], seconds: float, warmup: float, rounds: int) -> dict[str, dict]:
+    """Each system in turn, ``rounds`` times ``seconds / rounds`` per figure, so that the drift of a
+    busy machine hits them alike; the figures are over all rounds."""
+    out: dict[str, dict] = {s.name: {} for s in systems}
+    for kind, expect in (("plain", b"ping"), ("stream", b"eight")):
+        latencies: dict[str, list[float]] = {s.name: [] for s in systems}
+        for system in systems:
+            http_latencies(system.port, getattr(system, kind), expect, 0, warmup)
+        for _ in range(rounds):
+            for system in systems:
+                latencies[system.name] += http_latencies(system.port, getattr(system, kind), expect,
+                                                         seconds / rounds, ROUND_WARMUP_S)
+        for system in systems:
+            out[system.name][kind] = summarize(latencies[system.name], seconds)
+    return out
 
 
 def main() -> None:
@@ -346,29 +371,32 @@ def main() -> None:
     try:
         system, endpoint = start_inferd(home)
         running.append(system)
-        results["inferd"] = measure(system, seconds, warmup)
         results["inferd_zmq"] = {"plain": zmq_load(endpoint, "ping", seconds, warmup, CONNECTIONS),
                                  "stream": zmq_load(endpoint, STREAM_PROMPT, seconds, warmup, CONNECTIONS)}
         results["serial"] = {"http_us": http_serial(system.port, system.plain, b"ping", serial),
                              "zmq_us": zmq_serial(endpoint, "ping", serial)}
-        system.stop()
-        running.remove(system)
-        if not args.no_peers:
-            python, how = ensure_peers(args.peers_venv)
-            results["peers_venv"] = how
-            if python is None:
-                print(f"peers not measured: {how}", flush=True)
-            for name in ("litserve", "ray") if python else ():
-                try:
-                    peer = start_peer(name, python, home)
-                except Exception as exc:
-                    print(f"{name} not measured: {exc}", flush=True)
-                    results[name] = {"error": str(exc)}
-                    continue
-                running.append(peer)
-                results[name] = measure(peer, seconds, warmup)
-                peer.stop()
-                running.remove(peer)
+        python, how = (None, "not asked for (--no-peers)") if args.no_peers else ensure_peers(args.peers_venv)
+        results["peers_venv"] = how
+        if python is None:
+            print(f"peers not measured: {how}", flush=True)
+        # LitServe runs beside inferd and they alternate; Ray Serve runs alone afterwards (an idle Ray
+        # cluster takes CPU from whoever runs beside it).
+        litserve = _start_or_say("litserve", python, home, results) if python else None
+        if litserve:
+            running.append(litserve)
+        figures = measure([system, *([litserve] if litserve else [])], seconds, warmup, ROUNDS if litserve else 1)
+        results["inferd"] = figures[system.name]
+        for done in ([litserve] if litserve else []) + [system]:
+            done.stop()
+            running.remove(done)
+        if litserve:
+            results["litserve"] = figures[litserve.name]
+        ray = _start_or_say("ray", python, home, results) if python else None
+        if ray:
+            running.append(ray)
+            results["ray"] = measure([ray], seconds, warmup, 1)[ray.name]
+            ray.stop()
+            running.remove(ray)
     finally:
         for system in running:
             system.stop()
