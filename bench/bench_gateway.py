@@ -403,7 +403,10 @@ def main() -> None:
     report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    shutil.rmtree(home, ignore_errors=True)
+    if any("error" in v for v in results.values() if isinstance(v, dict)):
+        print(f"logs kept in {home}")
+    else:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def report(r: dict) -> None:
