@@ -165,6 +165,8 @@ class LiveChanges:
         self.planner.config = new
         spec = new.to_dict()
         self.broker.spec["config"] = spec
+        if self.gateway is not None:
+            self.gateway.spec["config"] = spec
         for child in self.workers:
             if child.plan.deployment not in keep_specs_of:
                 child.spec["config"] = spec
@@ -295,6 +297,7 @@ class LiveChanges:
             child.state, child.last_exit = "drained", "drained by an operator"
             log.info("%s drained; it stays stopped until `inferctl restart %s`", worker, worker)
         else:  # asked for: not counted as a restart after a failure
+            child.restart_reasons["operator"] += 1
             child.state, child.restart_at, child.operator_restart = "restarting", time.monotonic(), True
         self._publish()
 

@@ -18,7 +18,7 @@ it live:
   apply at once.
 
 Keys that running processes were set up with (the runtime dir, every
-``[broker]`` key, ``[node]``, the CPU devices offered, the sampling interval)
+``[broker]`` and ``[gateway]`` key, ``[node]``, the CPU devices offered, the sampling interval)
 cannot change under them: a plan that changes one is refused with a
 :class:`~inferd.config.ConfigError` naming the key, like any other bad config.
 """
@@ -113,6 +113,9 @@ def compare(old: DeploymentConfig, new: DeploymentConfig) -> DeploymentChange | 
 
 def plan(old: Config, new: Config) -> ReloadPlan:
     """The difference from ``old`` to ``new``; ConfigError if it cannot apply without a restart."""
+    if old.gateway != new.gateway:
+        raise ConfigError(f"{new.path}: gateway: cannot change on reload (the HTTP gateway binds its address "
+                          f"and reads its keys when it starts); restart inferd to apply it")
     sections = {}
     for section in ("daemon", "broker", "node", "devices"):
         keys = _changed_keys(getattr(old, section), getattr(new, section))

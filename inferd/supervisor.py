@@ -60,6 +60,7 @@ from inferd.sdnotify import Notifier
 log = logging.getLogger("inferd.supervisor")
 
 BROKER = "broker"
+GATEWAY = "gateway"
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 # How long the broker may take to confirm a drain beyond the grace period
 # before the supervisor stops waiting for it.
@@ -87,6 +88,7 @@ class Child:
     killed_for: str | None = None     # why the supervisor SIGKILLed it (hung, silent)
     operator_restart: bool = False    # inferctl restart: respawn at once, outside the policy
     retire: str | None = None         # why the supervisor is stopping it on purpose (a drain, a reload)
+    restart_reasons: Counter = field(default_factory=Counter)  # failure kind (or "operator") -> restarts
 
     @property
     def pid(self) -> int | None:
@@ -97,6 +99,7 @@ class Child:
         return {"id": self.name, "deployment": self.plan.deployment, "replica": self.plan.replica,
                 "node": self.plan.node, "device": self.plan.device_ids, "placed_by": self.plan.why,
                 "pid": self.pid or 0, "state": self.state, "restarts": self.restarts, "last_exit": self.last_exit,
+                "restart_reasons": dict(self.restart_reasons),
                 "restart_in_s": round(max(0.0, self.restart_at - time.monotonic()), 2)
                 if self.restart_at is not None else None}
 
@@ -128,6 +131,8 @@ class Supervisor(LiveChanges):
         base = {"config": config.to_dict(), "runtime_dir": str(endpoints.runtime_dir),
                 "frontend": config.broker.frontend}
         self.broker = Child(BROKER, "inferd.broker", base)
+        # The HTTP gateway, when configured: a client of the broker, supervised like it.
+        self.gateway = Child(GATEWAY, "inferd.gateway", base) if config.gateway is not None else None
         self.workers = [Child(p.id, "inferd.worker", {**base, "worker": p.id, "deployment": p.deployment}, plan=p)
                         for p in plans]
         self.ctx = zmq.Context()
@@ -165,6 +170,8 @@ class Supervisor(LiveChanges):
         for plan in (c.plan for c in self.workers):
             log.info("placed %s on %s (%s)", plan.id, plan.device_ids, plan.why)
         self._spawn(self.broker)
+        if self.gateway is not None:
+            self._spawn(self.gateway)
         for child in self.workers:
             self._spawn(child)
         self.notifier.notify(status="starting workers")
@@ -195,7 +202,7 @@ class Supervisor(LiveChanges):
         return min([self.phase_deadline, self.next_poll, self.next_watchdog, self.next_extend, *times])
 
     def _children(self) -> list[Child]:
-        return [self.broker, *self.workers]
+        return [self.broker, *([self.gateway] if self.gateway else []), *self.workers]
 
     def _alive(self) -> list[Child]:
         return [c for c in self._children() if c.proc is not None]
@@ -365,7 +372,7 @@ class Supervisor(LiveChanges):
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)%s", child.name, child.proc.pid,
                  f" on {child.plan.device_ids}" if child.plan else "")
-        if child.plan is not None:
+        if child.plan is not None or child is self.gateway:
             self._publish()
 
     def _reap(self) -> None:
@@ -387,7 +394,7 @@ class Supervisor(LiveChanges):
             self.ready_ids.discard(child.name)
             if child is self.broker:
                 self.broker_peer = None
-            else:
+            elif child.plan is not None:
                 self._to_broker(P.WORKER_EXITED, {"worker": child.name, "pid": pid, "status": status,
                                                   "expected": expected})
             if self.phase != "running":
@@ -396,6 +403,7 @@ class Supervisor(LiveChanges):
             elif child.operator_restart:
                 log.info("%s (pid %d) stopped for an operator restart", child.name, pid)
                 child.last_exit = "stopped for an operator restart"
+                child.restart_reasons["operator"] += 1
                 child.state, child.restart_at = "restarting", now
             elif child.retire:
                 log.info("%s (pid %d) stopped: %s", child.name, pid, child.retire)
@@ -403,7 +411,7 @@ class Supervisor(LiveChanges):
                 self.expected_exit(child)
             else:
                 self._decide(child, pid, failure, now)
-            if child.plan is not None:
+            if child.plan is not None or child is self.gateway:
                 self._publish()
 
     def _decide(self, child: Child, pid: int, failure: Failure, now: float) -> None:
@@ -412,6 +420,12 @@ class Supervisor(LiveChanges):
             log.warning("%s (pid %d) %s: %s, restarting in %.2f s", child.name, pid, child.last_exit,
                         decision.directive.value, decision.delay_s)
             child.state, child.restart_at = "restarting", now + decision.delay_s
+            child.restart_reasons[failure.value] += 1
+        elif decision.action == FAIL and child is self.gateway:
+            # Serving over ZeroMQ goes on: an HTTP port that cannot be bound must not stop the GPUs.
+            log.error("gateway (pid %d) %s: %s; it stays down, HTTP is not served", pid, child.last_exit,
+                      decision.reason)
+            child.state = "failed"
         elif decision.action == FAIL and child is not self.broker:
             log.error("%s (pid %d) %s: %s; it stays down until `inferctl restart %s`", child.name, pid,
                       child.last_exit, decision.reason, child.name)
@@ -498,6 +512,7 @@ class Supervisor(LiveChanges):
         self.policy.clear(name)
         log.info("operator restart of %s (was %s)", name, was)
         if child.proc is None:  # asked for: not counted as a restart after a failure
+            child.restart_reasons["operator"] += 1
             child.state, child.restart_at, child.operator_restart = "restarting", time.monotonic(), True
         else:
             child.operator_restart = True
@@ -552,12 +567,19 @@ class Supervisor(LiveChanges):
             "daemon": {"pid": os.getpid(), "version": __version__, "config": self.config.path,
                        "runtime_dir": str(self.endpoints.runtime_dir), "state": self.phase,
                        "started_at": self.started, "devices": self.source.note, "node": self.config.node.name,
-                       "broker_restarts": self.broker.restarts,
+                       "broker_restarts": self.broker.restarts, "gateway": self._gateway_row(),
                        "reload": {"generation": self.reload_generation, "state": self.reload_state,
                                   "note": self.reload_note, "pending": self.transitions.pending()}},
             "devices": self._device_rows(),
             "workers": [c.row() for c in self.workers],
         })
+
+    def _gateway_row(self) -> dict[str, Any] | None:
+        if self.gateway is None:
+            return None
+        gw = self.config.gateway
+        return {"url": f"http://{gw.host}:{gw.port}", "pid": self.gateway.pid or 0, "state": self.gateway.state,
+                "restarts": self.gateway.restarts, "last_exit": self.gateway.last_exit}
 
     def _device_rows(self) -> list[dict[str, Any]]:
         load = self.device_load()

@@ -33,6 +33,8 @@ class RuntimeSpec:
     # Modules the runner imports that inferd itself does not require (an extra's packages).
     requires: tuple[str, ...] = ()
     install_hint: str = ""
+    # Takes a chat (SUBMIT's ``messages``) as well as a prompt.
+    chat: bool = False
 
     def missing_modules(self) -> list[str]:
         """The required modules that are not installed; found without importing them."""
@@ -76,6 +78,9 @@ SPECS: dict[str, RuntimeSpec] = {
             "fault": Param(str, f"one of {', '.join(ECHO_FAULTS)}", lambda v: v in ECHO_FAULTS),
         },
         options={
+            # The default pause between words (a request's delay_ms overrides it): a stand-in for a
+            # model's time per token, for demos, tests and benchmarks through APIs without the param.
+            "delay_ms": Param(int, "an integer between 0 and 10000", lambda v: 0 <= v <= 10_000),
             # Test-only faults; off unless a config turns them on.
             "fault_injection": _BOOL,
             "load_fault": Param(str, "\"unrecoverable\"", lambda v: v == "unrecoverable"),
@@ -84,6 +89,7 @@ SPECS: dict[str, RuntimeSpec] = {
         },
         gated={"fault": "fault_injection", "load_fault": "fault_injection", "load_delay_ms": "fault_injection"},
         chunk_joiner=" ",
+        chat=True,
     ),
     "torch": RuntimeSpec(
         name="torch",

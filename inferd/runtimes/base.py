@@ -24,6 +24,7 @@ class RunRequest:
     rid: int
     prompt: str
     params: dict[str, Any]
+    messages: list[dict[str, str]] | None = None   # a chat, for runtimes whose spec says chat
 
 
 @dataclass(slots=True)

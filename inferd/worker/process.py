@@ -194,7 +194,7 @@ class Worker:
             self.send(P.ERROR, {"rid": rid, **P.error_body(None, ErrorCode.INTERNAL, "worker has no free credit")})
             return
         self.in_flight.add(rid)
-        self.engine.admit(RunRequest(rid, body.get("prompt", ""), body.get("params") or {}))
+        self.engine.admit(RunRequest(rid, body.get("prompt") or "", body.get("params") or {}, body.get("messages")))
 
     def _drain_wakeups(self) -> None:
         while True:

@@ -68,6 +68,11 @@ def test_keys_bound_into_running_processes_are_refused(section, key, value):
         plan(config(ECHO), config(ECHO, **{section: {key: value}}))
 
 
+def test_a_gateway_change_is_refused():
+    with pytest.raises(ConfigError, match=r"<new>: gateway: cannot change on reload"):
+        plan(config(ECHO), config(ECHO, gateway={"port": 8123}))
+
+
 # --- transitions ------------------------------------------------------------------------------
 
 
