@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import os
 import time
@@ -47,7 +48,6 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 import zmq
-import zmq.asyncio
 
 from inferd import curve, errors, protocol as P, zmqio
 from inferd.paths import daemon_alive, default_runtime_dir
@@ -111,10 +111,13 @@ def _checked_size(body: bytes, limit: int) -> None:
         raise errors.MessageTooLarge(len(body), limit)
 
 
-def _submit_body(cid: int, deployment: str, prompt: str | list[dict[str, str]], priority: int | None,
-                 deadline_ms: int | None, affinity: str | None, params: dict[str, Any]) -> dict[str, Any]:
+def _submit_body(cid: int, deployment: str, prompt: str | None, priority: int | None, deadline_ms: int | None,
+                 affinity: str | None, params: dict[str, Any], messages: list | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"id": cid, "deployment": deployment}
-    body["prompt" if isinstance(prompt, str) else "messages"] = prompt  # a list is a chat
+    if prompt is not None:
+        body["prompt"] = prompt
+    if messages is not None:
+        body["messages"] = messages
     if priority is not None:
         body["priority"] = priority
     if deadline_ms is not None:
@@ -124,6 +127,18 @@ def _submit_body(cid: int, deployment: str, prompt: str | list[dict[str, str]], 
     if params:
         body["params"] = params
     return body
+
+
+def _merge_params(params: dict[str, Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Runtime params given as ``params={...}``, as keywords, or both (a key given twice is an error)."""
+    if params is None:
+        return kwargs
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict of runtime params, got {type(params).__name__}")
+    twice = sorted(set(params) & set(kwargs))
+    if twice:
+        raise TypeError(f"runtime param(s) {', '.join(twice)} given both in params= and as keywords")
+    return {**params, **kwargs}
 
 
 def _gap(expected: int, body: dict[str, Any]) -> errors.ConnectionReset | None:
@@ -216,7 +231,8 @@ class Client:
         self._sock.close(0)
 
     def generate(self, deployment: str, prompt: str | list[dict[str, str]], *, priority: int | None = None,
-                 deadline_ms: int | None = None, affinity: str | None = None, **params: Any) -> "Stream":
+                 deadline_ms: int | None = None, affinity: str | None = None, params: dict[str, Any] | None = None,
+                 **kwargs: Any) -> "Stream":
         """Submit a request now and return its stream of :class:`Chunk`.
 
         ``prompt`` is a string, or a chat: a list of ``{"role", "content"}`` messages (sent as
@@ -225,10 +241,14 @@ class Client:
         Errors the broker answers at once (BACKPRESSURE, UNKNOWN_DEPLOYMENT,
         BAD_REQUEST) raise when the stream is first iterated, so that many
         requests can be submitted without waiting for each answer.
+
+        Runtime params go as keywords (``max_tokens=8``) or as a dict (``params={"max_tokens": 8}``).
         """
+        params = _merge_params(params, kwargs)
         cid = next(self._ids)
-        frames = P.encode(P.CLIENT, P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms,
-                                                             affinity, params))
+        chat = None if isinstance(prompt, str) else prompt
+        frames = P.encode(P.CLIENT, P.SUBMIT, _submit_body(cid, deployment, None if chat else prompt, priority,
+                                                             deadline_ms, affinity, params, chat))
         if len(frames[2]) > MIN_MESSAGE_LIMIT:
             _checked_size(frames[2], self._message_limit())
         self._inbox[cid] = collections.deque()
@@ -431,6 +451,11 @@ class AsyncClient:
         async with AsyncClient() as client:
             async for chunk in client.generate("echo", "hello world"):
                 ...
+
+    It reads a plain socket through the loop's ``add_reader`` rather than
+    ``zmq.asyncio`` (a future per message costs more than the message: one per
+    token), and queues its sends to flush them once per loop iteration, so that
+    many concurrent requests (a gateway's) share one wake-up of ZeroMQ's I/O thread.
     """
 
     def __init__(self, endpoint: str | None = None, *, runtime_dir: str | os.PathLike | None = None,
@@ -439,12 +464,14 @@ class AsyncClient:
         _check_reachable(self.endpoint)
         self.answer_timeout_s = answer_timeout_s
         self.liveness_s = liveness_s
-        self._ctx = zmq.asyncio.Context.instance()
+        self._ctx = zmq.Context.instance()
         self._sock = _open_socket(self._ctx, self.endpoint, curve_keys, answer_timeout_s)
         self._limit: int | None = None
         self._ids = itertools.count(1)
         self._inbox: dict[Any, asyncio.Queue] = {}
-        self._reader: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: collections.deque[list[bytes]] = collections.deque()
+        self._stuck_since: float | None = None   # when a send first found no connection to take it
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -453,30 +480,25 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+        if self._loop is not None and not self._sock.closed:
+            self._loop.remove_reader(self._sock.FD)
         self._sock.close(0)
 
     def _ensure_reader(self) -> None:
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._sock.FD, self._drain)
 
-    async def _read(self) -> None:
-        # Once a message is in, take every other one already waiting through a plain shadow
-        # of the socket: a future per message costs more than the message (one per token).
-        waiting = zmq.Socket.shadow(self._sock.underlying)
-        while True:
-            self._deliver(await self._sock.recv_multipart())
-            while True:
-                try:
-                    frames = waiting.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._deliver(frames)
+    def _drain(self) -> None:
+        """Deliver every message waiting. ZeroMQ's FD is edge-triggered: it signals that the
+        socket's state changed, so the socket is read until it has nothing left."""
+        sock = self._sock
+        while not sock.closed:
+            try:
+                frames = zmqio.recv(sock, zmqio.DONTWAIT)
+            except zmq.Again:
+                return
+            self._deliver(frames)
 
     def _deliver(self, frames: list[bytes]) -> None:
         try:
@@ -487,11 +509,31 @@ class AsyncClient:
         if box is not None:
             box.put_nowait((command, body))
 
-    async def _send(self, command: bytes, body: dict[str, Any], flags: int = 0) -> None:
-        try:
-            await self._sock.send_multipart(P.encode(P.CLIENT, command, body), flags)
-        except zmq.Again:
-            raise _unreachable(self.endpoint, self.answer_timeout_s) from None
+    async def _send(self, command: bytes, body: dict[str, Any]) -> None:
+        self._queue(P.encode(P.CLIENT, command, body))
+
+    def _queue(self, frames: list[bytes]) -> None:
+        self._outbox.append(frames)
+        if len(self._outbox) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        sock = self._sock
+        while self._outbox and not sock.closed:
+            try:
+                zmqio.send(sock, self._outbox[0], zmqio.DONTWAIT)
+            except zmq.Again:  # no connection yet (or a refused CURVE handshake), or a full pipe
+                now = time.monotonic()
+                self._stuck_since = self._stuck_since or now
+                if now - self._stuck_since > self.answer_timeout_s:
+                    self._outbox.clear()  # their requests time out unanswered and say why
+                else:
+                    self._loop.call_later(0.005, self._flush)
+                return
+            self._outbox.popleft()
+        self._stuck_since = None
+        # A send may take the FD's edge for messages that arrived meanwhile: read them now.
+        self._drain()
 
     async def ping(self) -> dict[str, Any]:
         self._ensure_reader()
@@ -501,6 +543,8 @@ class AsyncClient:
             await self._send(P.PING, {"id": cid})
             command, body = await _next(box, self.answer_timeout_s)
         except asyncio.TimeoutError:
+            if self._stuck_since is not None:
+                raise _unreachable(self.endpoint, self.answer_timeout_s) from None
             raise errors.Unavailable(f"no answer from inferd at {self.endpoint} "
                                      f"within {self.answer_timeout_s:g} s") from None
         finally:
@@ -509,14 +553,34 @@ class AsyncClient:
             raise _error(body)
         return body
 
-    async def generate(self, deployment: str, prompt: str | list[dict[str, str]], *, priority: int | None = None,
+    async def generate(self, deployment: str, prompt: str, *, priority: int | None = None,
                        deadline_ms: int | None = None, affinity: str | None = None,
-                       **params: Any) -> AsyncIterator[Chunk]:
-        """Submit a request and yield its chunks; leaving the loop early cancels it."""
+                       params: dict[str, Any] | None = None, **kwargs: Any) -> AsyncIterator[Chunk]:
+        """Submit a request and yield its chunks; leaving the loop early cancels it.
+        Runtime params go as keywords or as ``params={...}``."""
+        params = _merge_params(params, kwargs)
+        last: Chunk | None = None
+        # aclosing: leaving this loop early must close (and so cancel) the request now, not at collection.
+        async with contextlib.aclosing(self.request(deployment, prompt, priority=priority, deadline_ms=deadline_ms,
+                                                    affinity=affinity, params=params)) as messages:
+            async for command, body in messages:
+                if command == P.CHUNK:
+                    last = Chunk(body.get("text", ""), body["index"], body.get("finish_reason"))
+                    yield last
+                elif command == P.DONE and (last is None or last.finish_reason is None):
+                    yield Chunk("", last.index + 1 if last else 0, body.get("finish_reason"))
+
+    async def request(self, deployment: str, prompt: str | None = None, *, messages: list | None = None,
+                      priority: int | None = None, deadline_ms: int | None = None, affinity: str | None = None,
+                      params: dict[str, Any] | None = None) -> AsyncIterator[tuple[bytes, dict[str, Any]]]:
+        """Submit a request and yield its broker messages as they are: ACCEPTED, each CHUNK, then DONE
+        (with ``usage`` where the runtime reports it). An ERROR raises its typed exception, and so do
+        chunks lost in a reset connection. Give exactly one of ``prompt`` and ``messages`` (a chat).
+        Leaving the loop early cancels the request."""
         self._ensure_reader()
         cid = next(self._ids)
         frames = P.encode(P.CLIENT, P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms,
-                                                             affinity, params))
+                                                             affinity, params or {}, messages))
         if len(frames[2]) > MIN_MESSAGE_LIMIT:
             if self._limit is None:
                 self._limit = (await self.ping()).get("max_message_bytes", DEFAULT_MESSAGE_LIMIT)
@@ -525,13 +589,9 @@ class AsyncClient:
         tracker = _Tracker(deadline_ms, self.liveness_s, self.answer_timeout_s)
         finished = False
         epoch = None
-        last: Chunk | None = None
+        received = 0
         try:
-            try:
-                await self._sock.send_multipart(frames)
-            except zmq.Again:
-                finished = True  # never sent: nothing to cancel
-                raise _unreachable(self.endpoint, self.answer_timeout_s) from None
+            self._queue(frames)
             while True:
                 try:
                     command, body = await _next(box, tracker.wait_s(time.monotonic()) or 1e-3)
@@ -539,6 +599,8 @@ class AsyncClient:
                     now = time.monotonic()
                     error = tracker.timed_out(now, self.endpoint)
                     if error is not None:
+                        if not tracker.accepted and self._stuck_since is not None:
+                            error = _unreachable(self.endpoint, self.answer_timeout_s)
                         raise error from None
                     if not tracker.accepted:
                         continue
@@ -549,19 +611,19 @@ class AsyncClient:
                 if command == P.ACCEPTED:
                     tracker.accepted = True
                     epoch = body.get("epoch")
+                    yield command, body
                 elif command == P.CHUNK:
-                    gap = _gap(last.index + 1 if last else 0, body)
+                    gap = _gap(received, body)
                     if gap:
                         raise gap
-                    last = Chunk(body.get("text", ""), body["index"], body.get("finish_reason"))
-                    yield last
+                    received += 1
+                    yield command, body
                 elif command == P.DONE:
                     finished = True
-                    gap = _gap(last.index + 1 if last else 0, body)
+                    gap = _gap(received, body)
                     if gap:
                         raise gap
-                    if last is None or last.finish_reason is None:
-                        yield Chunk("", last.index + 1 if last else 0, body.get("finish_reason"))
+                    yield command, body
                     return
                 elif command == P.ERROR:
                     finished = True
@@ -574,6 +636,6 @@ class AsyncClient:
             self._inbox.pop(cid, None)
             if not finished:
                 try:
-                    await self._send(P.CANCEL, {"id": cid}, zmq.NOBLOCK)
+                    await self._send(P.CANCEL, {"id": cid})
                 except Exception:
-                    pass  # no connection, or the socket is closing: nothing to cancel on
+                    pass  # the loop is closing: the broker notices the gone client

@@ -65,16 +65,24 @@ UNRESPONSIVE = b"UNRESPONSIVE"  # broker -> supervisor: silent or hung worker; k
 LOAD = b"LOAD"                # broker -> supervisor: outstanding per worker, queued per deployment
 RESTART = b"RESTART"          # inferctl -> broker -> supervisor: restart a worker, clear its window
 RESTARTED = b"RESTARTED"      # supervisor -> broker: the answer to RESTART
+# Live reload, scale and drain (docs/protocol.md, "Reload, scale and drain").
+RELOAD = b"RELOAD"            # inferctl -> broker: reload the config (forwarded to the supervisor as OPERATOR)
+SCALE = b"SCALE"              # inferctl -> broker: run N workers of a deployment until the next reload
+DRAIN_WORKERS = b"DRAIN_WORKERS"  # inferctl -> broker: drain a worker or every worker of a deployment
+OPERATOR = b"OPERATOR"        # broker -> supervisor: an operator command (RELOAD, SCALE, DRAIN_WORKERS), with a token
+ANSWER = b"ANSWER"            # supervisor -> broker: the answer to OPERATOR
+CONFIG = b"CONFIG"            # supervisor -> broker: a reloaded config to apply in place
+DRAIN_WORKER = b"DRAIN_WORKER"  # supervisor -> broker: stop dispatching to a worker; say when it is idle
+WORKER_DRAINED = b"WORKER_DRAINED"  # broker -> supervisor: that worker has nothing in flight
+REMOVED = b"REMOVED"          # broker -> supervisor: a deployment removed by a reload has drained
 
 CLIENT_COMMANDS = frozenset({SUBMIT, CANCEL, PING})
 WORKER_COMMANDS = frozenset({READY, HEARTBEAT, CHUNKS, DONE, ERROR})
-CONTROL_COMMANDS = frozenset({STATUS, METRICS, RESTART, REBUILD})
+CONTROL_COMMANDS = frozenset({STATUS, METRICS, RESTART, REBUILD, RELOAD, SCALE, DRAIN_WORKERS})
 
 # Finish reasons carried by DONE (and by the last CHUNK when the runtime knows it is last).
 FINISH_STOP = "stop"          # the output ended on its own (end of text, a stop string)
 FINISH_LENGTH = "length"      # max_tokens reached
-# The token counts DONE carries as ``usage`` when the runtime counts tokens.
-USAGE_KEYS = ("prompt_tokens", "completion_tokens")
 
 
 class ProtocolError(Exception):
@@ -204,7 +212,7 @@ def _type_names(types: type | tuple[type, ...]) -> str:
 SUBMIT_FIELDS = {
     "id": ((int, str), True),
     "deployment": (str, True),
-    "prompt": (str, False),     # exactly one of prompt and messages
+    "prompt": (str, False),       # exactly one of prompt and messages
     "messages": (list, False),
     "priority": (int, False),
     "deadline_ms": (int, False),
@@ -212,6 +220,22 @@ SUBMIT_FIELDS = {
     "params": (dict, False),
 }
 CANCEL_FIELDS = {"id": ((int, str), True)}
+MAX_MESSAGES = 4096
+MESSAGE_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def message_problem(messages: list) -> str | None:
+    """Why a SUBMIT's ``messages`` is malformed, or None: 1 to 4096 maps ``{role, content}`` of strings."""
+    if not 1 <= len(messages) <= MAX_MESSAGES:
+        return f"must hold 1 to {MAX_MESSAGES} messages, got {len(messages)}"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            return f"[{i}] must be a map with exactly the fields role and content"
+        if message["role"] not in MESSAGE_ROLES:
+            return f"[{i}].role must be one of {', '.join(MESSAGE_ROLES)}"
+        if not isinstance(message["content"], str):
+            return f"[{i}].content must be a string"
+    return None
 PING_FIELDS = {"id": ((int, str), False)}
 
 # --- worker messages ----------------------------------------------------------------------------
@@ -237,7 +261,6 @@ WORKER_FIELDS: dict[bytes, dict[str, tuple[type | tuple[type, ...], bool]]] = {
             "pid": (int, True)},
     HEARTBEAT: {**_LOAD_FIELDS, "failure": (str, False), "reason": (str, False)},
     CHUNKS: {"worker": (str, True), "chunks": (list, True)},
-    # ``usage``: a map the broker forwards only when it holds USAGE_KEYS as integers.
     DONE: {"worker": (str, True), "rid": (int, True), "finish_reason": (str, False), "usage": (dict, False)},
     # ``id`` is always nil: a worker's ERROR is about the broker's ``rid``, not a client id.
     ERROR: {"worker": (str, True), "rid": (int, True), "id": (int, False), "code": (str, True),

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from inferd import __version__, chat, exitcodes, failures, protocol as P, runtimes
+from inferd import __version__, exitcodes, failures, protocol as P, runtimes
+from inferd.broker import reconfigure
 from inferd.config import Config, DeploymentConfig
 from inferd.errors import ErrorCode
 from inferd.broker.delivery import FULL, GONE, SENT, HeldClient
@@ -51,20 +52,21 @@ class Request:
     client: bytes
     cid: Any                      # the client's own request id
     deployment: "Deployment"
-    prompt: str | None
+    prompt: str
     params: dict[str, Any]
     priority: int
     affinity: str | None
     arrived: float
     deadline: float
+    messages: list | None = None  # a chat instead of a prompt (the runtime's spec says chat)
     entry: Entry | None = None    # set while queued
     worker: "WorkerRecord | None" = None
     dispatched_at: float = 0.0
     first_chunk_at: float = 0.0
+    last_chunk_at: float = 0.0
     chunks: int = 0
     dispatches: int = 0
     done: bool = False            # the client has had its final reply
-    messages: list | None = None  # a chat instead of a prompt
 
 
 @dataclass(eq=False, slots=True)
@@ -83,6 +85,7 @@ class WorkerRecord:
     rebuilds: int = 0             # model sessions rebuilt (inferctl rebuild)
     failure: str | None = None    # what it reported in band before going down
     runner: dict[str, Any] = field(default_factory=dict)  # the runtime's own load report
+    draining: bool = False        # no new work: a reload, scale-down or `inferctl drain` retires it
     # Kept as plain attributes, not properties: a routing policy reads them for every worker
     # of the pool on every dispatch. recount() after any change to requests, credits or state.
     outstanding: int = 0
@@ -90,7 +93,12 @@ class WorkerRecord:
 
     def recount(self) -> None:
         self.outstanding = len(self.requests)
-        self.free = max(0, self.credits - self.outstanding) if self.state == "ready" else 0
+        self.free = max(0, self.credits - self.outstanding) if self.serving else 0
+
+    @property
+    def serving(self) -> bool:
+        """Ready and not being drained: a routing policy may give it work."""
+        return self.state == "ready" and not self.draining
 
     def hold(self, req: Request) -> None:
         self.requests[req.rid] = req
@@ -121,7 +129,7 @@ class Deployment:
         self.available = True
 
     def ready_workers(self) -> int:
-        return sum(1 for w in self.workers.values() if w.state == "ready")
+        return sum(1 for w in self.workers.values() if w.serving)
 
 
 def make_router(dep: DeploymentConfig) -> RoutingPolicy:
@@ -157,7 +165,8 @@ class BrokerCore:
         self.draining = False
         self._drain_deadline = math.inf
         self._drained_sent = False
-        self._readiness: dict[str, int] = {}
+        self._drain_failed = 0         # requests failed because the drain's grace ran out
+        self._readiness: tuple[dict[str, int], list[str]] = ({}, [])
         # The supervisor's answers to operator commands, for the process loop to relay.
         self.control_replies: list[dict[str, Any]] = []
         # Worker id -> pid of a process reported unresponsive, which may not register again.
@@ -168,6 +177,10 @@ class BrokerCore:
         self._to_cut: list[bytes] = []
         self._hold_s = config.broker.client_hold_s
         self._peer_log = RateLimitedLog(log, clock=clock)
+        # Reload, scale and drain (inferd.broker.reconfigure): deployments removed by a reload,
+        # draining until their deadline, and workers draining for the supervisor.
+        self.retiring: dict[str, tuple[Deployment, float]] = {}
+        self.draining_workers: dict[str, float] = {}   # worker id -> deadline
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -222,11 +235,14 @@ class BrokerCore:
                                 f"{len(held.replies)} final replies it is owed")
         dep = self.deployments.get(body["deployment"])
         if dep is None:
+            removed = " (removed by a reload)" if body["deployment"] in self.retiring else ""
             return self._reject(client, cid, ErrorCode.UNKNOWN_DEPLOYMENT,
-                                f"no deployment named {body['deployment']!r}",
+                                f"no deployment named {body['deployment']!r}{removed}; deployments: "
+                                f"{', '.join(sorted(self.deployments)) or 'none'}",
                                 {"deployments": sorted(self.deployments)})
         cfg = dep.config
         if not dep.available:
+            dep.metrics.final(ErrorCode.UNAVAILABLE.value)
             return self._reject(client, cid, ErrorCode.UNAVAILABLE,
                                 f"deployment {dep.name!r} has no worker left: all failed and stopped",
                                 {"hint": "inferctl restart WORKER"})
@@ -241,22 +257,29 @@ class BrokerCore:
             raise P.ProtocolError("SUBMIT: deadline_ms must be > 0", cid)
         # A request may shorten the deployment's deadline, never extend it (Triton's rule).
         deadline_ms = min(deadline_ms or cfg.default_deadline_ms, cfg.default_deadline_ms)
-        if (body.get("prompt") is None) == (body.get("messages") is None):
-            raise P.ProtocolError("SUBMIT: exactly one of prompt and messages is required", cid)
-        if body.get("messages") is not None and (problem := chat.problem(body["messages"])):
-            raise P.ProtocolError(f"SUBMIT: messages {problem}", cid)
         params = body.get("params") or {}
         problem = runtimes.validate_params(cfg.runtime, params, cfg.options)
         if problem:
             raise P.ProtocolError(f"SUBMIT: params.{problem}", cid)
+        messages = body.get("messages")
+        if (messages is None) == (body.get("prompt") is None):
+            raise P.ProtocolError("SUBMIT: exactly one of 'prompt' and 'messages' is required", cid)
+        if messages is not None:
+            if not dep.spec.chat:
+                raise P.ProtocolError(f"SUBMIT: runtime {cfg.runtime!r} of deployment {dep.name!r} takes a "
+                                      f"prompt, not messages", cid)
+            problem = P.message_problem(messages)
+            if problem:
+                raise P.ProtocolError(f"SUBMIT: messages{problem if problem[0] == '[' else ' ' + problem}", cid)
 
         now = self.clock()
-        req = Request(self._next_rid, client, cid, dep, body.get("prompt"), params, priority,
-                      body.get("affinity"), now, now + deadline_ms / 1000, messages=body.get("messages"))
+        req = Request(self._next_rid, client, cid, dep, body.get("prompt") or "", params, priority,
+                      body.get("affinity"), now, now + deadline_ms / 1000, messages)
         try:
             req.entry, evicted = dep.queue.push(req, priority)
         except QueueFull:
             dep.metrics.rejected_backpressure += 1
+            dep.metrics.final(ErrorCode.BACKPRESSURE.value)
             return self._reject(client, cid, ErrorCode.BACKPRESSURE,
                                 f"deployment {dep.name!r} queue is full ({cfg.queue_capacity} queued)",
                                 {"retry_after_ms": self._retry_hint(dep, priority)})
@@ -451,6 +474,8 @@ class BrokerCore:
         self._condemned.pop(wid, None)
         self._last_failure.pop(wid, None)
         dep = self.deployments.get(body["deployment"])
+        if dep is None and body["deployment"] in self.retiring:
+            dep = self.retiring[body["deployment"]][0]
         if dep is None:
             self._peer_log.error("worker %s registered for unknown deployment %s", wid[:64],
                                  P.short(body["deployment"]))
@@ -478,11 +503,11 @@ class BrokerCore:
     def _sync_router(self, worker: WorkerRecord) -> None:
         """The routing policy's members are the deployment's registered, ready workers."""
         dep = worker.deployment
-        if worker.state == "ready" and self.workers.get(worker.id) is worker:
+        if worker.serving and self.workers.get(worker.id) is worker:
             dep.router.join(worker.id)
         else:
             dep.router.leave(worker.id)
-        dep.pool = sorted((w for w in dep.workers.values() if w.state == "ready"), key=lambda w: w.id)
+        dep.pool = sorted((w for w in dep.workers.values() if w.serving), key=lambda w: w.id)
 
     @staticmethod
     def _apply_load(worker: WorkerRecord, body: dict[str, Any]) -> bool:
@@ -514,9 +539,13 @@ class BrokerCore:
             if req is None or req.done:
                 continue  # a late chunk for a request already given up on
             worker.last_progress = worker.last_seen
+            now = self.clock()
             if not req.chunks:
-                req.first_chunk_at = self.clock()
-                req.deployment.metrics.first_chunk_ms.add((req.first_chunk_at - req.arrived) * 1000)
+                req.first_chunk_at = now
+                req.deployment.metrics.first_chunk_ms.add((now - req.arrived) * 1000)
+            else:
+                req.deployment.metrics.inter_chunk_ms.add((now - req.last_chunk_at) * 1000)
+            req.last_chunk_at = now
             out = {"id": req.cid, "index": req.chunks, "text": entry[1]}
             if len(entry) == 3:
                 out["finish_reason"] = entry[2]
@@ -532,8 +561,13 @@ class BrokerCore:
         if command == P.DONE:
             done = {"id": req.cid, "finish_reason": body.get("finish_reason", P.FINISH_STOP), "chunks": req.chunks}
             usage = body.get("usage")
-            if isinstance(usage, dict) and all(isinstance(usage.get(k), int) for k in P.USAGE_KEYS):
-                done["usage"] = {k: usage[k] for k in P.USAGE_KEYS}
+            if (isinstance(usage, dict) and set(usage) == {"prompt_tokens", "completion_tokens"}
+                    and all(type(v) is int and v >= 0 for v in usage.values())):
+                done["usage"] = usage
+                dep.metrics.prompt_tokens += usage["prompt_tokens"]
+                dep.metrics.generated_tokens += usage["completion_tokens"]
+            else:
+                dep.metrics.generated_tokens += req.chunks
             self._finish(req, P.DONE, done, "completed")
             return
         code = body.get("code")
@@ -544,15 +578,19 @@ class BrokerCore:
         self._finish(req, P.ERROR, P.error_body(req.cid, ErrorCode(code), str(body.get("message", "")),
                                                 body.get("details")), counter)
 
-    def on_worker_exited(self, wid: str, pid: int, status: int) -> None:
-        """The supervisor saw the process exit: faster than waiting for missed heartbeats."""
+    def on_worker_exited(self, wid: str, pid: int, status: int, expected: str | None = None) -> None:
+        """The supervisor saw the process exit: faster than waiting for missed heartbeats.
+        ``expected`` says why the supervisor stopped it (an operator restart, a drain): not a loss."""
         worker = self.workers.get(wid)
+        self.draining_workers.pop(wid, None)
         if worker is not None and worker.pid == pid:
             poisoned = status == exitcodes.WORKER_POISONED
-            self._lose_worker(worker, failures.describe_exit(status),
-                              ErrorCode.CONTEXT_POISONED if poisoned else ErrorCode.WORKER_LOST)
+            self._lose_worker(worker, expected or failures.describe_exit(status),
+                              ErrorCode.CONTEXT_POISONED if poisoned else ErrorCode.WORKER_LOST,
+                              expected=expected is not None)
 
-    def _lose_worker(self, worker: WorkerRecord, why: str, code: ErrorCode = ErrorCode.WORKER_LOST) -> None:
+    def _lose_worker(self, worker: WorkerRecord, why: str, code: ErrorCode = ErrorCode.WORKER_LOST,
+                     expected: bool = False) -> None:
         self.workers.pop(worker.id, None)
         if worker.failure:
             self._last_failure[worker.id] = worker.failure
@@ -562,7 +600,11 @@ class BrokerCore:
         lost = list(worker.requests.values())
         worker.requests.clear()
         worker.recount()
-        log.warning("worker %s (pid %d) lost: %s; %d request(s) affected", worker.id, worker.pid, why, len(lost))
+        if expected:
+            log.info("worker %s (pid %d) stopped: %s; %d request(s) affected", worker.id, worker.pid, why, len(lost))
+        else:
+            log.warning("worker %s (pid %d) lost: %s; %d request(s) affected", worker.id, worker.pid, why,
+                        len(lost))
         for req in lost:
             req.worker = None
             if req.done:
@@ -571,7 +613,8 @@ class BrokerCore:
                 req.entry = dep.queue.requeue(req, req.priority)
             else:
                 self._finish(req, P.ERROR, P.error_body(
-                    req.cid, code, f"worker {worker.id} was lost ({why}) after streaming {req.chunks} chunk(s)"),
+                    req.cid, code, f"worker {worker.id} {'stopped' if expected else 'was lost'} ({why}) after "
+                                   f"streaming {req.chunks} chunk(s)"),
                     "failed")
         self._report_readiness()
         self._dispatch(dep)
@@ -596,9 +639,9 @@ class BrokerCore:
             if req.dispatches == 1:
                 dep.metrics.queue_ms.add((now - req.arrived) * 1000)
             req.dispatched_at = now
-            work = {"rid": req.rid, "params": req.params}
-            work["prompt" if req.messages is None else "messages"] = (
-                req.prompt if req.messages is None else req.messages)
+            work = {"rid": req.rid, "prompt": req.prompt, "params": req.params}
+            if req.messages is not None:
+                work["messages"] = req.messages
             self.transport.to_worker(worker.id, P.REQUEST, work)
 
     # --- finals ----------------------------------------------------------------------------
@@ -615,6 +658,7 @@ class BrokerCore:
         m = req.deployment.metrics
         if command == P.DONE:
             m.latency_ms.add((self.clock() - req.arrived) * 1000)
+        m.final("OK" if command == P.DONE else body["code"])
         self._retire(req, counter)
 
     def _retire(self, req: Request, counter: str | None) -> None:
@@ -671,11 +715,14 @@ class BrokerCore:
                 "queued": {name: len(dep.queue) for name, dep in self.deployments.items()}})
         if self.draining and now >= self._drain_deadline:
             self._end_drain()
+        if self.retiring or self.draining_workers:
+            reconfigure.tick(self, now)
 
     def _end_drain(self) -> None:
         """The drain's grace is over: whatever still runs ends with SHUTTING_DOWN."""
         self._drain_deadline = math.inf
         for req in [r for r in self.requests.values() if not r.done]:
+            self._drain_failed += 1
             self._finish(req, P.ERROR, P.error_body(
                 req.cid, ErrorCode.SHUTTING_DOWN, "inferd shut down before the request finished"), "failed")
         self._maybe_drained()
@@ -698,6 +745,8 @@ class BrokerCore:
             return 0.0
         for held in self.held.values():
             when = min(when, held.next_try)
+        if self.retiring or self.draining_workers:
+            when = min(when, self.clock() + 0.05)
         if self._deadlines:
             when = min(when, self._deadlines[0][0])
         return max(0.0, when - self.clock())
@@ -707,7 +756,7 @@ class BrokerCore:
     def on_supervisor(self, frames: list[bytes]) -> None:
         try:
             command, body = P.decode(P.SUPERVISOR, frames, frozenset({
-                P.WORKERS, P.WORKER_EXITED, P.DRAIN, P.RESTARTED}))
+                P.WORKERS, P.WORKER_EXITED, P.DRAIN, P.RESTARTED, P.ANSWER, P.CONFIG, P.DRAIN_WORKER}))
         except P.ProtocolError as exc:
             log.error("malformed message from the supervisor: %s", exc.reason)
             return
@@ -716,14 +765,18 @@ class BrokerCore:
             self._update_availability(body.get("workers", []))
         elif command == P.WORKER_EXITED:
             try:
-                P.check_fields(body, {"worker": (str, True), "pid": (int, True), "status": (int, True)},
-                               "WORKER_EXITED")
+                P.check_fields(body, {"worker": (str, True), "pid": (int, True), "status": (int, True),
+                                      "expected": (str, False)}, "WORKER_EXITED")
             except P.ProtocolError as exc:
                 log.error("malformed message from the supervisor: %s", exc.reason)
                 return
-            self.on_worker_exited(body["worker"], body["pid"], body["status"])
-        elif command == P.RESTARTED:
+            self.on_worker_exited(body["worker"], body["pid"], body["status"], body.get("expected"))
+        elif command in (P.RESTARTED, P.ANSWER):
             self.control_replies.append(body)
+        elif command == P.CONFIG:
+            reconfigure.apply(self, Config.from_dict(body["config"]), float(body.get("grace_s", 0)))
+        elif command == P.DRAIN_WORKER:
+            reconfigure.drain_worker(self, str(body.get("worker")), float(body.get("grace_s", 0)))
         else:
             self.drain(float(body.get("grace_s", 0)))
 
@@ -790,7 +843,7 @@ class BrokerCore:
     def _maybe_drained(self) -> None:
         if not self._drained_sent and not any(not r.done for r in self.requests.values()):
             self._drained_sent = True
-            self.transport.to_supervisor(P.DRAINED, {})
+            self.transport.to_supervisor(P.DRAINED, {"failed": self._drain_failed})
 
     def shutdown(self) -> None:
         """The broker itself is going away: give everything outstanding its final reply."""
@@ -799,9 +852,10 @@ class BrokerCore:
 
     def _report_readiness(self) -> None:
         ready = {name: dep.ready_workers() for name, dep in self.deployments.items()}
-        if ready != self._readiness:
-            self._readiness = ready
-            self.transport.to_supervisor(P.READINESS, {"deployments": ready})
+        workers = sorted(w.id for w in self.workers.values() if w.serving)
+        if (ready, workers) != self._readiness:
+            self._readiness = (ready, workers)
+            self.transport.to_supervisor(P.READINESS, {"deployments": ready, "workers": workers})
 
     # --- views for inferctl ----------------------------------------------------------------
 
@@ -821,7 +875,7 @@ class BrokerCore:
             row = dict(proc)
             if proc["state"] == "running":
                 registered = worker is not None and worker.pid == proc["pid"]
-                row["state"] = worker.state if registered else "starting"
+                row["state"] = ("draining" if worker.draining else worker.state) if registered else "starting"
             row["credits"] = worker.credits if worker else 0
             row["in_flight"] = worker.outstanding if worker else 0
             row["resumes"] = worker.resumes if worker else 0

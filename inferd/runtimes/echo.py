@@ -1,8 +1,11 @@
 """The echo runtime: streams the prompt back, one whitespace-separated word per chunk.
 
+A chat (``messages``) is echoed as its contents joined in order.
+
 It is the serving path's load for tests and benchmarks: no model, so what is
 measured is inferd itself. Params: ``max_tokens`` (at most that many chunks)
-and ``delay_ms`` (the wait between chunks, to hold requests in flight).
+and ``delay_ms`` (the wait between chunks, to hold requests in flight; the
+option ``delay_ms`` sets its default).
 
 With ``options.fault_injection = true`` (never by default) it also injects the
 failures that supervision must survive, so they can be tested end to end on a
@@ -15,7 +18,8 @@ first stepped:
 * ``hang``: the step never returns (the broker's watchdog has it killed);
 * ``error``: an unexpected exception (the worker exits, status 1: Escalate).
 
-``options.load_fault = "unrecoverable"`` makes every load fail for good.
+``options.load_fault = "unrecoverable"`` makes every load fail for good, and
+``options.load_delay_ms`` makes every load take that long (a big model's load).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import signal
 import threading
 import time
 
-from inferd.chat import render_plain
 from inferd.failures import ContextPoisonedError, OutOfMemoryError, UnrecoverableError
 from inferd.protocol import FINISH_LENGTH, FINISH_STOP
 from inferd.runtimes.base import ModelRunner, Output, RunRequest
@@ -41,10 +44,6 @@ class _Stream:
         self.delay = delay
         self.due = due
         self.fault = fault
-
-    def usage(self) -> dict[str, int]:
-        """A word is echo's token."""
-        return {"prompt_tokens": len(self.words), "completion_tokens": self.next}
 
 
 def _inject(fault: str) -> None:
@@ -64,12 +63,16 @@ class EchoRunner(ModelRunner):
         self._faults = self.options.get("fault_injection") is True
         if self._faults and self.options.get("load_fault") == "unrecoverable":
             raise UnrecoverableError("injected fault: the model cannot be loaded")
+        if self._faults:
+            time.sleep(self.options.get("load_delay_ms", 0) / 1000)
         self._streams: dict[int, _Stream] = {}
 
     def admit(self, request: RunRequest) -> None:
-        words = (request.prompt if request.messages is None else render_plain(request.messages)).split()
+        # A chat echoes its messages' contents, in order.
+        text = " ".join(m["content"] for m in request.messages) if request.messages else request.prompt
+        words = text.split()
         limit = min(len(words), request.params.get("max_tokens", len(words)))
-        delay = request.params.get("delay_ms", 0) / 1000
+        delay = request.params.get("delay_ms", self.options.get("delay_ms", 0)) / 1000
         fault = request.params.get("fault") if self._faults else None
         self._streams[request.rid] = _Stream(words, limit, delay, time.monotonic(), fault)
 
@@ -85,14 +88,13 @@ class EchoRunner(ModelRunner):
             if s.fault:
                 _inject(s.fault)
             if s.limit == 0:
-                outputs.append(Output(rid, None, FINISH_STOP, usage=s.usage()))
+                outputs.append(Output(rid, None, FINISH_STOP))
                 del self._streams[rid]
                 continue
             text = s.words[s.next]
             s.next += 1
             if s.next == s.limit:
-                outputs.append(Output(rid, text, FINISH_LENGTH if s.limit < len(s.words) else FINISH_STOP,
-                                      usage=s.usage()))
+                outputs.append(Output(rid, text, FINISH_LENGTH if s.limit < len(s.words) else FINISH_STOP))
                 del self._streams[rid]
             else:
                 outputs.append(Output(rid, text))

@@ -207,9 +207,7 @@ def test_max_tokens_gives_length(client):
     client.submit("mt", "a b c d e f", params={"max_tokens": 2})
     msgs = client.until_final("mt")
     check_success(msgs, "mt", ["a", "b"], finish_reason="length")
-    # usage: echo counts words as tokens, the prompt's 6 and the 2 it sent.
-    assert msgs[-1].body == {"id": "mt", "finish_reason": "length", "chunks": 2,
-                             "usage": {"prompt_tokens": 6, "completion_tokens": 2}}
+    assert msgs[-1].body == {"id": "mt", "finish_reason": "length", "chunks": 2}
     assert client.quiet(0.2) == []
 
 

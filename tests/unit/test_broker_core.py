@@ -257,48 +257,6 @@ def test_bad_submit_is_rejected_and_not_accepted(fields, code, needle):
     assert h.core.requests == {} and h.core.by_client == {}
 
 
-@pytest.mark.parametrize("fields,needle", [
-    ({"prompt": None}, "exactly one of prompt and messages"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "exactly one of prompt and messages"),
-    ({"prompt": None, "messages": []}, "messages must be a list of 1 to"),
-    ({"prompt": None, "messages": "hi"}, "messages"),
-    ({"prompt": None, "messages": [{"role": "user"}]}, "messages [0] must be a map with exactly the keys"),
-    ({"prompt": None, "messages": [{"role": "robot", "content": "hi"}]}, "messages [0].role must be one of"),
-    ({"prompt": None, "messages": [{"role": "user", "content": 3}]}, "messages [0].content must be a string"),
-])
-def test_bad_prompt_or_messages_is_rejected(fields, needle):
-    h = Harness()
-    h.ready("echo-0")
-    h.take()
-    h.submit("r1", **fields)
-    _, command, body = only(h.to_clients(h.take()))
-    assert command == P.ERROR and body["code"] == "BAD_REQUEST" and body["id"] == "r1"
-    assert needle in body["message"]
-
-
-def test_chat_messages_reach_the_worker_and_usage_comes_back_with_done():
-    h = Harness()
-    h.ready("echo-0")
-    h.take()
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
-    h.client(b"c1", P.SUBMIT, {"id": 1, "deployment": "echo", "messages": chat})
-    (_, _, _, body), _ = h.take()
-    assert body == {"rid": body["rid"], "params": {}, "messages": chat}
-    h.worker("echo-0", P.DONE, rid=body["rid"], finish_reason="stop",
-             usage={"prompt_tokens": 7, "completion_tokens": 2, "junk": 1})
-    assert h.to_clients(h.take()) == [(b"c1", P.DONE, {"id": 1, "finish_reason": "stop", "chunks": 0,
-                                                      "usage": {"prompt_tokens": 7, "completion_tokens": 2}})]
-
-
-def test_malformed_usage_is_dropped_not_forwarded():
-    h = Harness()
-    h.ready("echo-0")
-    h.submit(1)
-    rid = only(h.requests_sent(h.take()))[1]
-    h.worker("echo-0", P.DONE, rid=rid, finish_reason="stop", usage={"prompt_tokens": "7"})
-    assert h.to_clients(h.take()) == [(b"c1", P.DONE, {"id": 1, "finish_reason": "stop", "chunks": 0})]
-
-
 def test_malformed_frames_get_bad_request_with_nil_id():
     h = Harness()
     h.core.on_client(b"c1", [b"IFDC9", P.SUBMIT, P.pack({"id": 1})])
@@ -906,8 +864,9 @@ def test_readiness_reported_to_supervisor():
     h.ready("echo-1")
     h.exited("echo-0")
     readiness = [b for kind, _, c, b in h.rec.log if kind == "supervisor" and c == P.READINESS]
-    assert readiness == [{"deployments": {"echo": 1}}, {"deployments": {"echo": 2}},
-                         {"deployments": {"echo": 1}}]
+    assert readiness == [{"deployments": {"echo": 1}, "workers": ["echo-0"]},
+                         {"deployments": {"echo": 2}, "workers": ["echo-0", "echo-1"]},
+                         {"deployments": {"echo": 1}, "workers": ["echo-1"]}]
 
 
 # --- heartbeats --------------------------------------------------------------------------------
@@ -1828,6 +1787,168 @@ def test_request_ids_of_two_broker_processes_do_not_meet():
     assert len(rids[0]) == len(rids[1]) == 3
     assert not rids[0] & rids[1]
     assert min(rids[0] | rids[1]) >= 1 << 20
+
+
+# --- reload, drain (inferd.broker.reconfigure) -------------------------------------------------
+
+
+def reconfigure(h: Harness, *deployments: dict, grace_s: float = 5.0) -> None:
+    config = parse({"broker": {"heartbeat_interval_ms": 60000, "heartbeat_liveness": 2},
+                    "deployment": list(deployments)}, "<reload>")
+    h.core.on_supervisor(P.encode(P.SUPERVISOR, P.CONFIG, {"config": config.to_dict(), "grace_s": grace_s}))
+
+
+def test_reload_of_queue_settings_keeps_every_queued_request_in_order():
+    h = Harness(priority_levels=3, queue_capacity=10)
+    for i, priority in enumerate([2, 0, 1, 2, 0]):
+        h.submit(f"r{i}", priority=priority)
+    assert len(h.core.deployments["echo"].queue) == 5
+    reconfigure(h, {"name": "echo", "runtime": "echo", "priority_levels": 2, "queue_capacity": 3,
+                    "default_priority": 0, "routing": "round-robin"})
+    dep = h.core.deployments["echo"]
+    assert len(dep.queue) == 5 and dep.queue.capacity == 3 and dep.queue.levels == 2
+    h.take()
+    h.submit("late", priority=1)  # over the new capacity, and nothing less urgent to evict
+    assert error_code(only(h.take())) == "BACKPRESSURE"
+    h.ready("echo-0", credits=5)
+    order = [prompt_id for _, _, prompt_id in
+             [(m[1], m[3]["rid"], h.core.requests[m[3]["rid"]].cid) for m in h.take() if m[2] == P.REQUEST]]
+    # Most urgent first, FIFO within a level; the old level 2 joined the new least urgent level, 1,
+    # behind what was already there (old level 1 was the more urgent).
+    assert order == ["r1", "r4", "r2", "r0", "r3"]
+
+
+def test_a_removed_deployment_drains_then_is_unknown():
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.submit("running")
+    h.submit("queued")
+    (_, rid, _), = h.requests_sent(h.take())
+    reconfigure(h, {"name": "other", "runtime": "echo"})
+    h.submit("new")
+    (kind, _, command, body), = h.take()
+    assert body["code"] == "UNKNOWN_DEPLOYMENT" and "removed by a reload" in body["message"]
+    assert "deployments: other" in body["message"]
+    h.done("echo-0", rid)  # the running one finishes; the queued one goes to the same worker
+    msgs = h.take()
+    assert [m[1] for m in h.to_clients(msgs)] == [P.DONE]
+    (_, rid2, _), = h.requests_sent(msgs)
+    h.done("echo-0", rid2)
+    h.advance(0.1)
+    msgs = h.take()
+    assert [m[1] for m in h.to_clients(msgs)] == [P.DONE]
+    assert ("supervisor", None, P.REMOVED, {"deployment": "echo", "failed": 0}) in msgs
+    assert "echo" not in h.core.retiring
+
+
+def test_a_removed_deployment_fails_what_is_left_when_the_grace_ends():
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.submit("running")
+    h.submit("queued")
+    h.take()
+    reconfigure(h, {"name": "other", "runtime": "echo"}, grace_s=2.0)
+    h.advance(2.5)
+    msgs = h.take()
+    codes = sorted(m[3]["code"] for m in msgs if m[0] == "client")
+    assert codes == ["UNAVAILABLE", "UNAVAILABLE"]
+    assert ("supervisor", None, P.REMOVED, {"deployment": "echo", "failed": 2}) in msgs
+
+
+def test_a_draining_worker_gets_no_new_request_and_is_reported_idle():
+    h = Harness()
+    for wid in ("echo-0", "echo-1"):
+        h.ready(wid, credits=2)
+    h.submit("a")
+    (wid, rid, _), = h.requests_sent(h.take())
+    h.core.on_supervisor(P.encode(P.SUPERVISOR, P.DRAIN_WORKER, {"worker": wid, "grace_s": 10.0}))
+    assert not any(m[2] == P.WORKER_DRAINED for m in h.take())
+    for i in range(3):
+        h.submit(f"b{i}")
+    assert {w for w, _, _ in h.requests_sent(h.take())} == {"echo-0", "echo-1"} - {wid}
+    h.done(wid, rid)
+    h.advance(0.1)
+    assert ("supervisor", None, P.WORKER_DRAINED, {"worker": wid, "left": 0}) in h.take()
+    h.core.on_worker_exited(wid, h.pids[wid], 0, expected="drained")
+    assert h.metrics()["failed"] == 0
+
+
+# --- chat messages, usage, finals by code (the gateway's needs) ---------------------------------
+
+
+def test_messages_reach_the_worker_instead_of_a_prompt():
+    h = Harness()
+    h.ready()
+    h.take()
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    h.client(b"c1", P.SUBMIT, {"id": 1, "deployment": "echo", "messages": chat})
+    msgs = h.take()
+    request = next(m[3] for m in msgs if m[2] == P.REQUEST)
+    assert request["messages"] == chat and request["prompt"] == ""
+    assert h.to_clients(msgs)[-1][1] == P.ACCEPTED
+
+
+@pytest.mark.parametrize("body, reason", [
+    ({}, "exactly one of 'prompt' and 'messages' is required"),
+    ({"prompt": "x", "messages": [{"role": "user", "content": "x"}]},
+     "exactly one of 'prompt' and 'messages' is required"),
+    ({"messages": []}, "messages must hold 1 to 4096 messages, got 0"),
+    ({"messages": [{"role": "user"}]}, "messages[0] must be a map with exactly the fields role and content"),
+    ({"messages": [{"role": "king", "content": "x"}]}, "messages[0].role must be one of"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string"),
+])
+def test_malformed_messages_are_bad_requests(body, reason):
+    h = Harness()
+    h.ready()
+    h.take()
+    h.client(b"c1", P.SUBMIT, {"id": 1, "deployment": "echo", **body})
+    [(client, command, answer)] = h.to_clients(h.take())
+    assert command == P.ERROR and answer["code"] == "BAD_REQUEST"
+    assert answer["message"].startswith(f"SUBMIT: {reason}")
+
+
+def test_a_runtime_without_chat_refuses_messages():
+    h = Harness(runtime="torch")
+    h.client(b"c1", P.SUBMIT, {"id": 1, "deployment": "echo", "messages": [{"role": "user", "content": "x"}]})
+    [(_, command, answer)] = h.to_clients(h.take())
+    assert command == P.ERROR and "takes a prompt, not messages" in answer["message"]
+
+
+def test_usage_from_the_worker_is_forwarded_and_counted():
+    h = Harness()
+    h.ready()
+    h.submit(1)
+    h.submit(2)
+    rids = [rid for _, rid, _ in h.requests_sent(h.take())]
+    h.chunk("echo-0", rids[0], "a")
+    h.worker("echo-0", P.DONE, rid=rids[0], finish_reason="stop", usage={"prompt_tokens": 7, "completion_tokens": 1})
+    h.chunk("echo-0", rids[1], "b")
+    h.chunk("echo-0", rids[1], "c")
+    h.done("echo-0", rids[1])  # no usage: the chunks count as generated tokens
+    dones = [body for _, command, body in h.to_clients(h.take()) if command == P.DONE]
+    assert dones[0]["usage"] == {"prompt_tokens": 7, "completion_tokens": 1}
+    assert "usage" not in dones[1]
+    m = h.metrics()
+    assert (m["prompt_tokens"], m["generated_tokens"]) == (7, 1 + 2)
+
+
+def test_finals_are_counted_by_code_and_chunk_gaps_measured():
+    h = Harness(queue_capacity=1)
+    h.ready(credits=1)
+    h.submit(1)
+    h.submit(2)
+    h.submit(3)  # the queue (capacity 1) is full: BACKPRESSURE
+    [(_, rid, _)] = h.requests_sent(h.take())
+    h.chunk("echo-0", rid, "a")
+    h.clock.advance(0.02)
+    h.chunk("echo-0", rid, "b")
+    h.done("echo-0", rid)
+    h.cancel(2)
+    m = h.metrics()
+    assert m["finals"] == {"BACKPRESSURE": 1, "OK": 1, "CANCELLED": 1}
+    assert m["inter_chunk_ms"]["count"] == 1 and m["inter_chunk_ms"]["max"] == pytest.approx(20.0)
+    itl = m["histograms"]["inter_chunk_ms"]
+    assert itl["count"] == 1 and itl["counts"][itl["le_ms"].index(25.0)] == 1 and itl["counts"][0] == 0
 
 
 # --- malformed worker messages ------------------------------------------------------------------
