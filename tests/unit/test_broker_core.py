@@ -1907,7 +1907,13 @@ def test_malformed_messages_are_bad_requests(body, reason):
     assert answer["message"].startswith(f"SUBMIT: {reason}")
 
 
-def test_a_runtime_without_chat_refuses_messages():
+def test_a_runtime_without_chat_refuses_messages(monkeypatch):
+    import dataclasses
+
+    from inferd import runtimes
+
+    # echo and torch both take chats (torch through its model's template): a runtime that does not.
+    monkeypatch.setitem(runtimes.SPECS, "torch", dataclasses.replace(runtimes.SPECS["torch"], chat=False))
     h = Harness(runtime="torch")
     h.client(b"c1", P.SUBMIT, {"id": 1, "deployment": "echo", "messages": [{"role": "user", "content": "x"}]})
     [(_, command, answer)] = h.to_clients(h.take())
