@@ -95,7 +95,8 @@ def test_generate_reads_the_prompt_from_stdin_or_a_file(daemon, tmp_path):
 def test_help_lists_runtime_params_and_every_runtime_dir_fallback():
     out = subprocess.run([INFERCTL, "generate", "--help"], capture_output=True, text=True, timeout=20).stdout
     assert "echo: delay_ms (an integer between 0 and 10000); max_tokens" in out
-    assert "torch: max_tokens" in out and "temperature (a number between 0 (greedy) and 100)" in out
+    assert "torch: ignore_eos (true or false); max_tokens" in out
+    assert "temperature (a number between 0 (greedy) and 100)" in out
     assert not re.search(r"\bfault\b", out)  # test-only, and refused unless a config turns it on
     out = subprocess.run([INFERCTL, "--help"], capture_output=True, text=True, timeout=20).stdout
     flat = " ".join(out.split())
