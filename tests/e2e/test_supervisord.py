@@ -72,7 +72,7 @@ def test_shipped_supervisord_conf_runs_and_stops_inferd_cleanly(home):
     try:
         wait_for(lambda: "RUNNING" in sv.ctl("status", "inferd"), timeout=30, what="supervisord to report RUNNING")
         st = wait_for(lambda: (s := _status(run)) and s["ready"] and s, timeout=120, what="inferd ready")
-        assert set(st["deployments"]) == {"echo", "tiny"}  # the default config
+        assert set(st["deployments"]) == {"echo", "tiny", "smol"}  # the default config
         pids = [st["broker"]["pid"]] + [w["pid"] for w in st["workers"]]
         with Client(runtime_dir=run) as client:
             assert client.complete("echo", "under supervisord") == "under supervisord"

@@ -388,7 +388,7 @@ def test_runner_report_shows_the_slot_freed_by_a_cancel(served):
     ({"stop": [""]}, "params.stop: expected a string or a list of 1 to 16 strings"),
     ({"max_tokens": 0}, "params.max_tokens: expected an integer between 1 and 1000000"),
     ({"seed": -5}, "params.seed:"),
-    ({"fault": "oom"}, "params.fault: unknown; known: max_tokens, seed, stop, temperature, top_p"),
+    ({"fault": "oom"}, "params.fault: unknown; known: ignore_eos, max_tokens, seed, stop, temperature, top_p"),
 ])
 def test_bad_params_are_bad_requests_naming_the_param(served, params, message):
     with served.client() as client:
