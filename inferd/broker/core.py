@@ -477,7 +477,8 @@ class BrokerCore:
                 dep.metrics.queue_ms.add((now - req.arrived) * 1000)
             req.dispatched_at = now
             self.transport.to_worker(worker.id, P.REQUEST, {"rid": req.rid, "prompt": req.prompt,
-                                                            "params": req.params})
+                                                            "params": req.params,
+                                                            "deadline_ms": max(1, round((req.deadline - now) * 1000))})
 
     # --- finals ----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from inferd.schema import Param
 
@@ -33,6 +33,8 @@ class RuntimeSpec:
     # Modules the runner imports that inferd itself does not require (an extra's packages).
     requires: tuple[str, ...] = ()
     install_hint: str = ""
+    # Rules across options (one option required, two exclusive): the first problem, or None.
+    check_options: Callable[[dict[str, Any]], str | None] | None = None
 
     def missing_modules(self) -> list[str]:
         """The required modules that are not installed; found without importing them."""
@@ -55,6 +57,10 @@ TORCH_DTYPES = ("float32", "bfloat16", "float16")
 _MAX_TOKENS = Param(int, "an integer between 1 and 1000000", lambda v: 1 <= v <= 1_000_000)
 _BOOL = Param(bool, "true or false")
 
+# How the remote runtime calls its provider (inferd/runtimes/remote).
+REMOTE_APIS = ("chat", "completions")
+MAX_UPSTREAMS = 16
+
 
 def _is_factory(name: str) -> bool:
     module, colon, attr = name.partition(":")
@@ -64,6 +70,39 @@ def _is_factory(name: str) -> bool:
 def _are_stop_strings(value: str | list) -> bool:
     strings = [value] if isinstance(value, str) else value
     return 1 <= len(strings) <= 16 and all(isinstance(s, str) and 1 <= len(s) <= 256 for s in strings)
+
+def _is_url(v: Any) -> bool:
+    return isinstance(v, str) and v.startswith(("http://", "https://")) and len(v) > 8 and " " not in v
+
+
+def _are_headers(v: dict) -> bool:
+    return all(isinstance(k, str) and k and isinstance(h, str) and "\n" not in h for k, h in v.items())
+
+
+def _ms(low: int, high: int) -> Param:
+    return Param(int, f"a number of milliseconds between {low} and {high}", lambda v: low <= v <= high)
+
+
+def _remote_options_problem(options: dict[str, Any]) -> str | None:
+    if ("base_url" in options) == ("upstreams" in options):
+        return "base_url: expected exactly one of base_url or upstreams (an ordered list to fail over between)"
+    if any(name.lower() == "authorization" for name in options.get("headers", {})):
+        return "headers.Authorization: not allowed; name the key's environment variable in api_key_env"
+    if "model" not in options:
+        return "model: missing; expected the upstream's model name"
+    if options.get("backoff_base_ms", 0) > options.get("backoff_cap_ms", 60_000):
+        return "backoff_base_ms: expected at most backoff_cap_ms"
+    return None
+
+
+# The sampling params a token-generating runtime accepts, local or remote.
+_SAMPLING = {
+    "max_tokens": _MAX_TOKENS,
+    "temperature": Param(float, "a number between 0 (greedy) and 100", lambda v: 0 <= v <= 100),
+    "top_p": Param(float, "a number in (0, 1]", lambda v: 0 < v <= 1),
+    "seed": Param(int, "an integer between 0 and 2**63 - 1", lambda v: 0 <= v < 2**63),
+    "stop": Param((str, list), "a string or a list of 1 to 16 strings of 1 to 256 characters", _are_stop_strings),
+}
 
 SPECS: dict[str, RuntimeSpec] = {
     "echo": RuntimeSpec(
@@ -87,12 +126,7 @@ SPECS: dict[str, RuntimeSpec] = {
         name="torch",
         runner="inferd.runtimes.torch_runtime:TorchRunner",
         params={
-            "max_tokens": _MAX_TOKENS,
-            "temperature": Param(float, "a number between 0 (greedy) and 100", lambda v: 0 <= v <= 100),
-            "top_p": Param(float, "a number in (0, 1]", lambda v: 0 < v <= 1),
-            "seed": Param(int, "an integer between 0 and 2**63 - 1", lambda v: 0 <= v < 2**63),
-            "stop": Param((str, list), "a string or a list of 1 to 16 strings of 1 to 256 characters",
-                          _are_stop_strings),
+            **_SAMPLING,
             "fault": Param(str, f"one of {', '.join(TORCH_FAULTS)}", lambda v: v in TORCH_FAULTS),
         },
         options={
@@ -112,6 +146,34 @@ SPECS: dict[str, RuntimeSpec] = {
         chunk_joiner="",
         requires=("torch", "safetensors", "numpy"),
         install_hint="pip install 'inferd[torch]'",
+    ),
+    "remote": RuntimeSpec(
+        name="remote",
+        runner="inferd.runtimes.remote.runner:RemoteRunner",
+        params=dict(_SAMPLING),
+        options={
+            "base_url": Param(str, "an http:// or https:// URL such as https://api.openai.com/v1", _is_url),
+            "upstreams": Param(list, f"a list of 1 to {MAX_UPSTREAMS} http:// or https:// URLs, tried in order",
+                               lambda v: 1 <= len(v) <= MAX_UPSTREAMS and all(_is_url(u) for u in v)),
+            "api": Param(str, f"one of {', '.join(REMOTE_APIS)}", lambda v: v in REMOTE_APIS),
+            "model": Param(str, "the upstream's model name", lambda v: 0 < len(v) <= 256),
+            "api_key_env": Param(str, "the name of an environment variable holding the API key",
+                                 lambda v: v.isidentifier()),
+            "headers": Param(dict, "a table of header names to string values (no Authorization: "
+                                   "the key comes from api_key_env)", _are_headers),
+            "connect_timeout_ms": _ms(1, 600_000),
+            "read_timeout_ms": _ms(1, 3_600_000),
+            "max_retries": Param(int, "an integer between 0 and 20", lambda v: 0 <= v <= 20),
+            "backoff_base_ms": _ms(1, 60_000),
+            "backoff_cap_ms": _ms(1, 60_000),
+            "cooldown_ms": _ms(0, 3_600_000),
+            "probe_interval_ms": _ms(50, 3_600_000),
+        },
+        chunk_joiner="",
+        transport="remote",
+        requires=("aiohttp",),
+        install_hint="pip install aiohttp",
+        check_options=_remote_options_problem,
     ),
 }
 
@@ -150,4 +212,5 @@ def validate_params(runtime: str, params: dict[str, Any], options: dict[str, Any
 def validate_options(runtime: str, options: dict[str, Any]) -> str | None:
     """The first problem with a deployment's runtime options, naming the key, or None."""
     spec = SPECS[runtime]
-    return _check(options, spec.options) or _gate(spec, options, options)
+    return (_check(options, spec.options) or _gate(spec, options, options)
+            or (spec.check_options(options) if spec.check_options else None))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from inferd.devices import Device
 from inferd.errors import ErrorCode
@@ -24,6 +24,8 @@ class RunRequest:
     rid: int
     prompt: str
     params: dict[str, Any]
+    deadline: float | None = None             # time.monotonic() by which the broker gives up on it
+    messages: list[dict[str, Any]] | None = None  # a chat request's messages, when it has them
 
 
 @dataclass(slots=True)
@@ -39,6 +41,7 @@ class Output:
     finish_reason: str | None = None
     error: ErrorCode | None = None
     message: str = ""
+    details: dict[str, Any] | None = None     # sent with an error (a retry hint, an upstream's status)
 
     @property
     def final(self) -> bool:
@@ -61,6 +64,9 @@ class ModelRunner(abc.ABC):
         # The most requests admitted at once: the worker's credits. A runner may lower it
         # (the torch runtime's batch slots), never raise it.
         self.capacity = capacity
+        # A runner whose outputs arrive on their own (a network stream) calls this, from any
+        # thread, to have the engine call step() now; the engine sets it.
+        self.wake: Callable[[], None] = lambda: None
 
     @property
     def where(self) -> str:

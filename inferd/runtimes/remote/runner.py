@@ -1,0 +1,164 @@
+"""RemoteRunner: the ModelRunner of the remote runtime, an asyncio loop beside the engine thread.
+
+The engine drives every runner the same way (admit, cancel, step). A remote
+request is not stepped, it streams: so the runner runs its own event loop on
+a thread of its own, where :class:`~inferd.runtimes.remote.client.UpstreamClient`
+holds one task per request. Outputs go into a deque, and the first output
+after a step wakes the engine (``self.wake``), whose next step collects all
+that arrived meanwhile: under load one step carries many streams' chunks.
+
+Cancel cancels the request's task, which closes its HTTP connection at once.
+Nothing an upstream does raises out of :meth:`step`: an outage fails
+requests with typed errors and shows in the load report as a degraded
+upstream; it never ends the worker, so it never spends the restart budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import threading
+from typing import Any
+
+from inferd.errors import ErrorCode
+from inferd.failures import UnrecoverableError
+from inferd.runtimes.base import ModelRunner, Output, RunRequest
+from inferd.runtimes.remote.client import UpstreamClient
+from inferd.runtimes.remote.settings import Settings
+
+log = logging.getLogger("inferd.remote")
+
+REPORT_INTERVAL_S = 0.25
+
+
+class RemoteRunner(ModelRunner):
+    def load(self) -> None:
+        self.settings = Settings.from_options(self.options)
+        api_key = None
+        if self.settings.api_key_env:
+            api_key = os.environ.get(self.settings.api_key_env)
+            if not api_key:  # the same after every restart: do not loop
+                raise UnrecoverableError(f"the environment variable {self.settings.api_key_env} (api_key_env) "
+                                         "is not set or empty")
+        self._outputs: collections.deque[Output] = collections.deque()
+        self._poked = False
+        self._tasks: dict[int, asyncio.Task] = {}
+        self._report: dict[str, Any] = {}
+        self._report_changed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="inferd-remote", daemon=True)
+        self._thread.start()
+        self.client = self._call(self._open(api_key))
+        log.info("remote runtime: %s API of %s, model %s, %d stream(s) at most", self.settings.api,
+                 ", ".join(self.settings.urls), self.settings.model, self.capacity)
+
+    @property
+    def where(self) -> str:
+        return "no device (remote)"
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _open(self, api_key: str | None) -> UpstreamClient:
+        client = UpstreamClient(self.settings, api_key, self.capacity, self._emit)
+        self._housekeeping = asyncio.create_task(self._housekeep(client))
+        return client
+
+    # --- the engine thread ---------------------------------------------------------------------
+
+    def admit(self, request: RunRequest) -> None:
+        self.settings.body(request)  # a request this API cannot take is rejected here (RequestRejected)
+        self._loop.call_soon_threadsafe(self._start, request)
+
+    def cancel(self, rid: int) -> None:
+        self._loop.call_soon_threadsafe(self._cancel, rid)
+
+    def step(self) -> list[Output]:
+        self._poked = False  # before draining: an output added after the drain pokes again
+        outputs = []
+        while self._outputs:
+            outputs.append(self._outputs.popleft())
+        self._report_changed = False
+        return outputs
+
+    def next_step_in(self) -> float | None:
+        return 0.0 if self._outputs or self._report_changed else None
+
+    def load_report(self) -> dict[str, Any]:
+        return self._report
+
+    def close(self) -> None:
+        if getattr(self, "_loop", None) is None or self._loop.is_closed():
+            return
+        try:
+            self._call(self._shutdown())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            self._loop.close()
+
+    # --- the loop thread -----------------------------------------------------------------------
+
+    def _emit(self, output: Output) -> None:
+        self._outputs.append(output)
+        if not self._poked:
+            self._poked = True
+            self.wake()
+
+    def _start(self, request: RunRequest) -> None:
+        self._tasks[request.rid] = self._loop.create_task(self._serve(request))
+
+    def _cancel(self, rid: int) -> None:
+        task = self._tasks.pop(rid, None)
+        if task is not None:
+            task.cancel()
+
+    async def _serve(self, request: RunRequest) -> None:
+        try:
+            await self.client.stream(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must fail the request, not the worker
+            log.exception("request %s failed in the remote client", request.rid)
+            self._emit(Output(request.rid, error=ErrorCode.INTERNAL,
+                              message=self.client.scrub(f"remote client: {type(exc).__name__}: {exc}")))
+        finally:
+            if self._tasks.get(request.rid) is asyncio.current_task():
+                del self._tasks[request.rid]
+
+    async def _housekeep(self, client: UpstreamClient) -> None:
+        """Refresh the load report, log health changes, and probe failing upstreams."""
+        health = "ok"
+        next_probe = 0.0
+        while True:
+            now = self._loop.time()
+            if now >= next_probe:
+                next_probe = now + self.settings.probe_interval_s
+                try:
+                    await client.probe()
+                except Exception:
+                    log.exception("probing the upstreams failed")
+            state, problem = client.upstreams.health()
+            if state != health:
+                if state == "ok":
+                    log.info("upstreams healthy again")
+                else:
+                    log.warning("upstreams degraded: %s", client.scrub(problem))
+                health = state
+            report = {"active": len(self._tasks), "health": state, "problem": client.scrub(problem),
+                      "upstreams": client.upstreams.report(), "upstream": client.stats.report()}
+            changed = report["health"] != self._report.get("health") or report["problem"] != self._report.get("problem")
+            self._report = report
+            if changed:  # an idle engine takes the new report at once, so status shows it
+                self._report_changed = True
+                self.wake()
+            await asyncio.sleep(REPORT_INTERVAL_S)
+
+    async def _shutdown(self) -> None:
+        self._housekeeping.cancel()
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), self._housekeeping, return_exceptions=True)
+        await self.client.close()
