@@ -45,7 +45,7 @@ class Call:
 
 
 # Fault kinds, each a dict with "kind" and its settings:
-#   status        {"status": 500 | 503 | 401 | 429 ..., "retry_after": "2" | "<HTTP date>", "retry_after_ms": 50,
+#   status        {"status": 500 | 503 | 401 | 429 ..., "retry_after": "2", "retry_after_date": 2, "retry_after_ms": 50,
 #                  "message": "..."}; a 401's message echoes the key it was sent, as real providers do
 #   slow_first_byte {"delay_ms": 1000}: wait before the response headers
 #   drop          {"after": 2}: close the connection after that many content events
@@ -57,12 +57,13 @@ FAULT_KINDS = ("status", "slow_first_byte", "drop", "split", "invalid_json", "er
 
 class FakeUpstream:
     def __init__(self, *, ttft_ms: float = 0, itl_ms: float = 0, max_concurrency: int | None = None,
-                 model: str = "fake-model", port: int = 0):
+                 model: str = "fake-model", port: int = 0, api_key: str | None = None):
         self.ttft_ms = ttft_ms
         self.itl_ms = itl_ms
         self.model = model
         self.max_concurrency = max_concurrency
         self.port = port
+        self.api_key = api_key        # when set, every call without it gets a 401
         self.calls: list[Call] = []
         self.faults: collections.deque[dict[str, Any]] = collections.deque()
         self.active = 0
@@ -146,7 +147,10 @@ class FakeUpstream:
     # --- handlers ---------------------------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.Response:
-        self.calls.append(Call(request.path, dict(request.headers), None))
+        call = Call(request.path, dict(request.headers), None)
+        self.calls.append(call)
+        if not self._authorized(call):
+            return self._status(call, {"status": 401})
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
 
     async def _completion(self, request: web.Request) -> web.StreamResponse:
@@ -157,6 +161,8 @@ class FakeUpstream:
         call = Call(request.path, dict(request.headers), body)
         self.calls.append(call)
         fault = self.faults.popleft() if self.faults else {}
+        if not self._authorized(call):
+            fault = {"kind": "status", "status": 401}
         if self._limit is not None:
             await self._limit.acquire()
         self.active += 1
@@ -173,6 +179,9 @@ class FakeUpstream:
             self.active -= 1
             if self._limit is not None:
                 self._limit.release()
+
+    def _authorized(self, call: Call) -> bool:
+        return self.api_key is None or call.headers.get("Authorization") == f"Bearer {self.api_key}"
 
     async def _answer(self, request: web.Request, call: Call, fault: dict[str, Any]) -> web.StreamResponse:
         kind = fault.get("kind")
@@ -220,6 +229,8 @@ class FakeUpstream:
         headers = {}
         if "retry_after" in fault:
             headers["Retry-After"] = str(fault["retry_after"])
+        if "retry_after_date" in fault:  # seconds from now, as an HTTP date
+            headers["Retry-After"] = http_date(fault["retry_after_date"])
         if "retry_after_ms" in fault:
             headers["retry-after-ms"] = str(fault["retry_after_ms"])
         message = fault.get("message", f"fake upstream fault {status}")

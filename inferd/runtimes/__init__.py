@@ -72,7 +72,8 @@ def _are_stop_strings(value: str | list) -> bool:
     return 1 <= len(strings) <= 16 and all(isinstance(s, str) and 1 <= len(s) <= 256 for s in strings)
 
 def _is_url(v: Any) -> bool:
-    return isinstance(v, str) and v.startswith(("http://", "https://")) and len(v) > 8 and " " not in v
+    return (isinstance(v, str) and v.startswith(("http://", "https://")) and bool(v.partition("://")[2])
+            and not any(c.isspace() for c in v))
 
 
 def _are_headers(v: dict) -> bool:
