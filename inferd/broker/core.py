@@ -664,8 +664,13 @@ class BrokerCore:
                    if not r.done and r.worker is not None and (dep is None or r.deployment is dep))
 
     def metrics(self) -> dict[str, Any]:
-        return {name: dep.metrics.snapshot(len(dep.queue), self.in_flight(dep))
-                for name, dep in self.deployments.items()}
+        out = {name: dep.metrics.snapshot(len(dep.queue), self.in_flight(dep))
+               for name, dep in self.deployments.items()}
+        for name, dep in self.deployments.items():  # a remote runtime's upstream figures, per worker
+            upstream = {w.id: w.runner["upstream"] for w in dep.workers.values() if "upstream" in w.runner}
+            if upstream:
+                out[name]["upstream"] = upstream
+        return out
 
     def status(self) -> dict[str, Any]:
         view = self.supervisor_view
@@ -687,10 +692,15 @@ class BrokerCore:
         for name, dep in self.deployments.items():
             ready = dep.ready_workers()
             state = ("healthy" if ready >= dep.config.replicas else "degraded" if ready else "unavailable")
+            # A worker may be up while what it serves from is not (a remote runtime's upstream).
+            problems = [f"{w.id}: {w.runner.get('problem', '')}" for w in dep.pool
+                        if w.runner.get("health", "ok") != "ok"]
+            if problems and state == "healthy":
+                state = "degraded"
             if not dep.available:
                 state = "failed"
             deployments[name] = {"state": state, "runtime": dep.config.runtime, "replicas": dep.config.replicas,
-                                 "routing": dep.config.routing,
+                                 "routing": dep.config.routing, "problems": problems,
                                  "ready": ready, "queued": len(dep.queue), "in_flight": self.in_flight(dep)}
         daemon = dict(view.get("daemon", {}))
         if "started_at" in daemon:
