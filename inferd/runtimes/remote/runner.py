@@ -149,9 +149,8 @@ class RemoteRunner(ModelRunner):
                 health = state
             report = {"active": len(self._tasks), "health": state, "problem": client.scrub(problem),
                       "upstreams": client.upstreams.report(), "upstream": client.stats.report()}
-            changed = report["health"] != self._report.get("health") or report["problem"] != self._report.get("problem")
-            self._report = report
-            if changed:  # an idle engine takes the new report at once, so status shows it
+            if report != self._report:  # an idle engine takes the new report at once, so status shows it
+                self._report = report
                 self._report_changed = True
                 self.wake()
             await asyncio.sleep(REPORT_INTERVAL_S)
