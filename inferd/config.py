@@ -75,6 +75,12 @@ class BrokerConfig:
                                   check=lambda v: 1024 <= v <= 1 << 30)
     frontend: str | None = _opt(None, kind=str, expect="a ZeroMQ endpoint such as tcp://127.0.0.1:5555",
                                 check=lambda v: v.startswith(("ipc://", "tcp://")))
+    # Replies ZeroMQ queues for one client connection before the broker deems it a slow reader.
+    client_send_hwm: int = _opt(10_000, kind=int, expect="an integer between 100 and 10000000",
+                                check=lambda v: 100 <= v <= 10_000_000)
+    # How long the final replies owed to an unreachable client connection are kept for it to come back.
+    client_hold_s: float = _opt(10.0, kind=float, expect="a number of seconds between 0 and 3600",
+                                check=lambda v: 0 <= v <= 3600)
 
 
 DEVICE_POLICIES = ("least-loaded", "round-robin")

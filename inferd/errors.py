@@ -23,6 +23,8 @@ class ErrorCode(str, enum.Enum):
     CONTEXT_POISONED = "CONTEXT_POISONED"
     UNAVAILABLE = "UNAVAILABLE"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    SLOW_READER = "SLOW_READER"
+    CONNECTION_RESET = "CONNECTION_RESET"
     INTERNAL = "INTERNAL"
     # A remote deployment's provider (inferd/runtimes/remote): it refused our credentials, or
     # it failed (5xx, a timeout, a dropped or malformed stream) after any retries.
@@ -94,6 +96,30 @@ class ShuttingDown(InferdError):
     code = ErrorCode.SHUTTING_DOWN
 
 
+class SlowReader(InferdError):
+    """The connection read its replies too slowly; the broker stopped its requests."""
+
+    code = ErrorCode.SLOW_READER
+
+
+class ConnectionReset(InferdError):
+    """The connection was reset while the request was in flight (e.g. after an oversize message)."""
+
+    code = ErrorCode.CONNECTION_RESET
+
+
+class MessageTooLarge(BadRequest):
+    """Raised on the client side, before sending, for a message over the daemon's max_message_bytes.
+
+    Never sent on the wire: ZeroMQ would drop the connection instead of delivering it."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"the request is {size} bytes, over the daemon's max_message_bytes of {limit}",
+                         {"size": size, "limit": limit})
+        self.size = size
+        self.limit = limit
+
+
 class Internal(InferdError):
     code = ErrorCode.INTERNAL
 
@@ -114,7 +140,8 @@ _BY_CODE: dict[str, type[InferdError]] = {
     cls.code.value: cls
     for cls in (
         BadRequest, UnknownDeployment, Backpressure, DeadlineExceeded, Cancelled, WorkerLost,
-        OutOfMemory, ContextPoisoned, Unavailable, ShuttingDown, Internal, UpstreamAuth, UpstreamError,
+        OutOfMemory, ContextPoisoned, Unavailable, ShuttingDown, SlowReader, ConnectionReset, Internal,
+        UpstreamAuth, UpstreamError,
     )
 }
 

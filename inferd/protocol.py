@@ -210,3 +210,77 @@ SUBMIT_FIELDS = {
 }
 CANCEL_FIELDS = {"id": ((int, str), True)}
 PING_FIELDS = {"id": ((int, str), False)}
+
+# --- worker messages ----------------------------------------------------------------------------
+# The broker checks these exactly as it checks a client's: a worker is another process, and a bug
+# or a stray peer on the backend socket must not be able to take the broker (and every request in
+# flight) down with an unhashable deployment name or a rid that is a map.
+
+WORKER_STATES = frozenset({"loading", "warming", "ready", "rebuilding", "poisoned", "failed"})
+FINISH_REASONS = frozenset({FINISH_STOP, FINISH_LENGTH})
+MAX_CREDITS = 1 << 20
+
+_LOAD_FIELDS: dict[str, tuple[type | tuple[type, ...], bool]] = {
+    "worker": (str, True),
+    "state": (str, True),
+    "credits": (int, True),
+    "in_flight": (int, False),
+    "resumes": (int, False),
+    "rebuilds": (int, False),
+    "runner": (dict, False),
+}
+WORKER_FIELDS: dict[bytes, dict[str, tuple[type | tuple[type, ...], bool]]] = {
+    READY: {**_LOAD_FIELDS, "deployment": (str, True), "runtime": (str, False), "device": (str, False),
+            "pid": (int, True)},
+    HEARTBEAT: {**_LOAD_FIELDS, "failure": (str, False), "reason": (str, False)},
+    CHUNKS: {"worker": (str, True), "chunks": (list, True)},
+    DONE: {"worker": (str, True), "rid": (int, True), "finish_reason": (str, False)},
+    # ``id`` is always nil: a worker's ERROR is about the broker's ``rid``, not a client id.
+    ERROR: {"worker": (str, True), "rid": (int, True), "id": (int, False), "code": (str, True),
+            "message": (str, False), "details": (dict, False)},
+}
+
+
+def _count(body: dict[str, Any], name: str, top: int, what: str) -> None:
+    value = body.get(name)
+    if value is not None and not 0 <= value <= top:
+        raise ProtocolError(f"{what}: field {name!r} must be between 0 and {top}, got {value}")
+
+
+def check_worker_message(command: bytes, body: dict[str, Any]) -> None:
+    """Validate a worker's message beyond its field types; raises :class:`ProtocolError`.
+
+    A message that passes can be used without another check: every rid is an
+    integer (hashable, comparable), every count is in range, every state known.
+    """
+    what = command.decode()
+    check_fields(body, WORKER_FIELDS[command], what)
+    if command in (READY, HEARTBEAT):
+        if body["state"] not in WORKER_STATES:
+            raise ProtocolError(f"{what}: unknown state {body['state'][:32]!r}")
+        _count(body, "credits", MAX_CREDITS, what)
+        for name in ("in_flight", "resumes", "rebuilds"):
+            _count(body, name, 2**63 - 1, what)
+        if command == READY:
+            _count(body, "pid", 2**31 - 1, what)
+    elif command == DONE:
+        if body.get("finish_reason", FINISH_STOP) not in FINISH_REASONS:
+            raise ProtocolError(f"DONE: finish_reason must be one of {', '.join(sorted(FINISH_REASONS))}")
+    elif body.get("id") is not None:
+        raise ProtocolError("ERROR: a worker's ERROR carries rid, and id must be nil")
+
+
+def chunk_problem(entry: Any) -> str | None:
+    """What is wrong with one CHUNKS entry (``[rid, text]`` or ``[rid, text, finish_reason]``), if anything."""
+    if type(entry) is not list or len(entry) not in (2, 3) or type(entry[0]) is not int:
+        return f"a chunk must be [rid, text] or [rid, text, finish_reason], got {short(entry)}"
+    if type(entry[1]) is not str:
+        return f"a chunk's text must be a string, got {type(entry[1]).__name__}"
+    if len(entry) == 3 and entry[2] not in FINISH_REASONS:
+        return f"a chunk's finish_reason must be one of {', '.join(sorted(FINISH_REASONS))}, got {short(entry[2])}"
+    return None
+
+
+def short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -24,7 +24,9 @@ from typing import Any, Callable, Protocol
 from inferd import __version__, exitcodes, failures, protocol as P, runtimes
 from inferd.config import Config, DeploymentConfig
 from inferd.errors import ErrorCode
+from inferd.broker.delivery import FULL, GONE, SENT, HeldClient
 from inferd.metrics import DeploymentMetrics
+from inferd.ratelog import RateLimitedLog
 from inferd.queue import BoundedPriorityQueue, Entry, QueueFull
 from inferd.routing import POLICIES, RoutingPolicy, Sticky
 
@@ -160,10 +162,17 @@ class BrokerCore:
         # Worker id -> pid of a process reported unresponsive, which may not register again.
         self._condemned: dict[str, int] = {}
         self._last_failure: dict[str, str] = {}  # worker id -> what it reported before going down
+        # Client connections that cannot take replies now, with what they are owed (``delivery``).
+        self.held: dict[bytes, HeldClient] = {}
+        self._to_cut: list[bytes] = []
+        self._hold_s = config.broker.client_hold_s
+        self._peer_log = RateLimitedLog(log, clock=clock)
 
     # --- clients ---------------------------------------------------------------------------
 
     def on_client(self, client: bytes, frames: list[bytes]) -> None:
+        if client in self.held:
+            self._flush(client, self.clock())  # it is connected, and perhaps reading again
         try:
             command, body = P.decode(P.CLIENT, frames, P.CLIENT_COMMANDS)
             if command == P.SUBMIT:
@@ -174,7 +183,7 @@ class BrokerCore:
                 self._cancel_by_client(client, body["id"])
             else:
                 P.check_fields(body, P.PING_FIELDS, "PING")
-                self.transport.to_client(client, P.PONG, {
+                self._to_client(client, P.PONG, {
                     "id": body.get("id"), "epoch": self.epoch, "version": __version__})
         except P.ProtocolError as exc:
             self._reject(client, exc.request_id, ErrorCode.BAD_REQUEST, exc.reason)
@@ -193,7 +202,7 @@ class BrokerCore:
         elif (client, cid) in self.by_client:
             details = {**(details or {}), "id": cid}
             cid = None
-        self.transport.to_client(client, P.ERROR, P.error_body(cid, code, message, details))
+        self._to_client(client, P.ERROR, P.error_body(cid, code, message, details))
 
     def _submit(self, client: bytes, body: dict[str, Any]) -> None:
         cid = body["id"]
@@ -203,6 +212,11 @@ class BrokerCore:
             raise P.ProtocolError(f"SUBMIT: request id {cid!r} is already in flight on this connection", cid)
         if self.draining:
             return self._reject(client, cid, ErrorCode.SHUTTING_DOWN, "inferd is shutting down")
+        held = self.held.get(client)
+        if held is not None:
+            code = ErrorCode.SLOW_READER if held.reason == FULL else ErrorCode.CONNECTION_RESET
+            return self._reject(client, cid, code, "this connection must first read the "
+                                f"{len(held.replies)} final replies it is owed")
         dep = self.deployments.get(body["deployment"])
         if dep is None:
             return self._reject(client, cid, ErrorCode.UNKNOWN_DEPLOYMENT,
@@ -254,8 +268,8 @@ class BrokerCore:
         # the ACCEPTED still precedes every CHUNK, since this loop handles the
         # worker's reply only after this handler returns.
         self._dispatch(dep)
-        self.transport.to_client(client, P.ACCEPTED, {
-            "id": cid, "epoch": self.epoch, "join": dep.spec.chunk_joiner})
+        self._to_client(client, P.ACCEPTED, {
+            "id": cid, "epoch": self.epoch, "join": dep.spec.chunk_joiner}, owed=True)
 
     def _track_deadline(self, req: Request) -> None:
         """Add the request to the deadline heap, keeping the heap bounded.
@@ -283,11 +297,70 @@ class BrokerCore:
             self._finish(req, P.ERROR, P.error_body(cid, ErrorCode.CANCELLED, "cancelled by the client"),
                          "cancelled")
 
-    def on_client_gone(self, client: bytes) -> None:
-        """The client's connection is gone: stop working for it, quietly."""
-        for req in [r for (c, _), r in self.by_client.items() if c == client]:
-            req.done = True  # nobody to tell; _finish would try to send
-            self._retire(req, "cancelled")
+    # --- delivery to clients -----------------------------------------------------------------
+
+    def _to_client(self, client: bytes, command: bytes, body: dict[str, Any], owed: bool = False) -> None:
+        """Send to a client, or hold the reply if its connection cannot take it (``delivery``).
+
+        ``owed`` marks what an accepted request is promised: its ACCEPTED and its final.
+        """
+        held = self.held.get(client)
+        if held is None:
+            status = self.transport.to_client(client, command, body)
+            if not status:
+                return
+            held = self._hold(client, status)
+        held.keep(command, body, owed)
+
+    def _hold(self, client: bytes, reason: int) -> HeldClient:
+        now = self.clock()
+        held = HeldClient(reason, now, math.inf)
+        held.set_reason(reason, now, self._hold_s)
+        self.held[client] = held
+        self._to_cut.append(client)
+        self._peer_log.warning("client %s %s; ending its requests and holding their final replies",
+                               client.hex()[:16], "reads too slowly" if reason == FULL else "is unreachable")
+        return held
+
+    def _cut_error(self, req: Request, reason: int) -> dict[str, Any]:
+        if reason == FULL:
+            return P.error_body(req.cid, ErrorCode.SLOW_READER,
+                                f"this connection read too slowly: {self.config.broker.client_send_hwm} replies "
+                                f"waited for it, so its requests were stopped")
+        return P.error_body(req.cid, ErrorCode.CONNECTION_RESET,
+                            "this connection was reset while the request was in flight (a message over "
+                            "max_message_bytes does that); output was lost")
+
+    def _cut(self) -> None:
+        """End every request of the connections held since the last call, one final each."""
+        while self._to_cut:
+            client = self._to_cut.pop()
+            held = self.held.get(client)
+            if held is None:
+                continue
+            for req in [r for (c, _), r in self.by_client.items() if c == client and not r.done]:
+                self._finish(req, P.ERROR, self._cut_error(req, held.reason), "cancelled")
+
+    def _flush(self, client: bytes, now: float) -> None:
+        """Write what a held connection is owed, in order, as far as it will take it."""
+        held = self.held[client]
+        status = SENT
+        while held.replies:
+            command, body, _ = held.replies[0]
+            status = self.transport.to_client(client, command, body) or SENT
+            if status:
+                break
+            held.sent_first()
+        if not held.replies:
+            del self.held[client]
+            log.info("client %s took the replies it was owed (%d chunk(s) were dropped)",
+                     client.hex()[:16], held.dropped_chunks)
+        elif status == GONE and now >= held.expires:
+            del self.held[client]
+            self._peer_log.warning("client %s did not come back within %g s; %d owed repl(ies) dropped",
+                                   client.hex()[:16], self._hold_s, len(held.replies))
+        else:
+            held.set_reason(status, now, self._hold_s)
 
     # --- workers ---------------------------------------------------------------------------
 
@@ -296,14 +369,25 @@ class BrokerCore:
         try:
             command, body = P.decode(P.WORKER, frames, P.WORKER_COMMANDS)
         except P.ProtocolError as exc:
-            log.warning("worker %s sent a malformed message: %s", wid, exc.reason)
+            self._peer_log.warning("worker %s sent a malformed message: %s", wid[:64], exc.reason)
             return
         if body.get("worker") != wid:
-            log.warning("worker %s sent a message claiming to be %r; ignored", wid, body.get("worker"))
+            self._peer_log.warning("worker %s sent a message claiming to be %s; ignored", wid[:64],
+                                   P.short(body.get("worker")))
+            return
+        worker = self.workers.get(wid)
+        try:
+            P.check_worker_message(command, body)
+        except P.ProtocolError as exc:
+            self._peer_log.warning("worker %s sent a malformed %s: %s", wid[:64], command.decode(), exc.reason)
+            if worker is not None and command in (P.DONE, P.ERROR):
+                # A final we cannot read is still a final: its request must not wait for a
+                # watchdog that may never fire.
+                worker.last_seen = self.clock()
+                self._malformed_output(worker, body.get("rid"), f"{command.decode()}: {exc.reason}", final=True)
             return
         if command == P.READY:
             return self._register(wid, body)
-        worker = self.workers.get(wid)
         if worker is None:
             # A worker we do not know (we restarted, or it was declared dead): make it re-register.
             self.transport.to_worker(wid, P.DISCONNECT, {"reason": "not registered"})
@@ -313,9 +397,9 @@ class BrokerCore:
             self._update_load(worker, body)
             return
         if command == P.CHUNKS:
-            self._chunks(worker, body.get("chunks"))
+            self._chunks(worker, body["chunks"])
             return
-        req = worker.requests.get(body.get("rid"))
+        req = worker.requests.get(body["rid"])
         if req is None:
             return  # a late message for a request already given up on
         worker.last_progress = worker.last_seen
@@ -324,19 +408,40 @@ class BrokerCore:
         self._worker_final(req, command, body)
         self._dispatch(worker.deployment)
 
+    def _malformed_output(self, worker: WorkerRecord, rid: Any, why: str, *, final: bool) -> None:
+        """The worker sent something unreadable about ``rid``: that request ends with INTERNAL.
+
+        After a malformed final the worker holds no slot for it any more; after a
+        malformed chunk it still does, so the request keeps its slot until the
+        worker answers the CANCEL that :meth:`_retire` sends.
+        """
+        req = worker.requests.get(rid) if type(rid) is int else None
+        if req is None:
+            return
+        if final:
+            worker.release(req.rid)
+            req.worker = None
+        if req.done:
+            self._retire(req, None)
+        else:
+            self._finish(req, P.ERROR, P.error_body(
+                req.cid, ErrorCode.INTERNAL, f"worker {worker.id} sent a malformed reply ({why})"), "failed")
+        self._dispatch(worker.deployment)
+
     def _register(self, wid: str, body: dict[str, Any]) -> None:
         if self._condemned.get(wid) == body.get("pid"):
             return  # reported unresponsive; the supervisor is killing it
         self._condemned.pop(wid, None)
         self._last_failure.pop(wid, None)
-        dep = self.deployments.get(body.get("deployment"))
+        dep = self.deployments.get(body["deployment"])
         if dep is None:
-            log.error("worker %s registered for unknown deployment %r", wid, body.get("deployment"))
+            self._peer_log.error("worker %s registered for unknown deployment %s", wid[:64],
+                                 P.short(body["deployment"]))
             self.transport.to_worker(wid, P.DISCONNECT, {"reason": "unknown deployment"})
             return
         if wid in self.workers:
             self._lose_worker(self.workers[wid], "re-registered")
-        worker = WorkerRecord(wid, dep, int(body.get("pid", 0)), str(body.get("device", "?")),
+        worker = WorkerRecord(wid, dep, body["pid"], body.get("device") or "?",
                               0, "loading", self.clock())
         self._apply_load(worker, body)
         self.workers[wid] = worker
@@ -364,34 +469,29 @@ class BrokerCore:
 
     @staticmethod
     def _apply_load(worker: WorkerRecord, body: dict[str, Any]) -> bool:
-        """Take the credits, state and failure a worker reports; True if its state changed."""
-        credits, state = body.get("credits"), body.get("state")
-        if isinstance(credits, int) and not isinstance(credits, bool) and credits >= 0:
-            worker.credits = credits
+        """Take the credits, state and failure a worker reports (already validated); True if its state changed."""
+        worker.credits = body["credits"]
         for counter in ("resumes", "rebuilds"):
-            value = body.get(counter)
-            if isinstance(value, int) and not isinstance(value, bool):
-                setattr(worker, counter, value)
-        if isinstance(body.get("runner"), dict):
+            if body.get(counter) is not None:
+                setattr(worker, counter, body[counter])
+        if body.get("runner") is not None:
             worker.runner = body["runner"]
-        if isinstance(body.get("failure"), str):
-            worker.failure = f"{body['failure']}: {body.get('reason', '')}"
+        if body.get("failure") is not None:
+            worker.failure = f"{body['failure']}: {body.get('reason') or ''}"
             log.error("worker %s reports %s", worker.id, worker.failure)
-        changed = isinstance(state, str) and state != worker.state
-        if changed:
-            worker.state = state
+        changed = body["state"] != worker.state
+        worker.state = body["state"]
         worker.recount()
         return changed
 
     def _chunks(self, worker: WorkerRecord, entries: Any) -> None:
         """A worker's CHUNKS: ``[rid, text]`` or ``[rid, text, finish_reason]`` each."""
-        if not isinstance(entries, list):
-            log.warning("worker %s sent CHUNKS without a list of chunks; ignored", worker.id)
-            return
         for entry in entries:
-            if not (isinstance(entry, list) and len(entry) in (2, 3) and isinstance(entry[1], str)
-                    and (len(entry) == 2 or isinstance(entry[2], str))):
-                log.warning("worker %s sent a malformed chunk %r; ignored", worker.id, entry)
+            problem = P.chunk_problem(entry)
+            if problem:
+                self._peer_log.warning("worker %s sent a malformed chunk: %s", worker.id, problem)
+                if type(entry) is list and entry:
+                    self._malformed_output(worker, entry[0], f"CHUNKS: {problem}", final=False)
                 continue
             req = worker.requests.get(entry[0])
             if req is None or req.done:
@@ -404,7 +504,7 @@ class BrokerCore:
             if len(entry) == 3:
                 out["finish_reason"] = entry[2]
             req.chunks += 1
-            self.transport.to_client(req.client, P.CHUNK, out)
+            self._to_client(req.client, P.CHUNK, out)
 
     def _worker_final(self, req: Request, command: bytes, body: dict[str, Any]) -> None:
         dep = req.deployment
@@ -487,7 +587,10 @@ class BrokerCore:
         if req.done:
             raise AssertionError(f"request {req.rid} would get a second final reply")
         req.done = True
-        self.transport.to_client(req.client, command, body)
+        if command == P.DONE and req.client in self.held:
+            # Chunks of it may have been dropped since its connection was held: it did not succeed.
+            command, body, counter = P.ERROR, self._cut_error(req, self.held[req.client].reason), "cancelled"
+        self._to_client(req.client, command, body, owed=True)
         m = req.deployment.metrics
         if command == P.DONE:
             m.latency_ms.add((self.clock() - req.arrived) * 1000)
@@ -515,8 +618,12 @@ class BrokerCore:
     # --- time ------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Expire deadlines, exchange heartbeats, detect silent workers, finish a drain."""
+        """Cut held clients' requests, retry their replies, expire deadlines, exchange heartbeats,
+        detect silent workers, finish a drain."""
         now = self.clock()
+        self._cut()
+        for client in [c for c, h in self.held.items() if now >= h.next_try]:
+            self._flush(client, now)
         while self._deadlines and self._deadlines[0][0] <= now:
             _, rid = heapq.heappop(self._deadlines)
             req = self.requests.get(rid)
@@ -562,6 +669,10 @@ class BrokerCore:
     def next_timeout(self) -> float:
         """Seconds until :meth:`tick` has something to do."""
         when = min(self._next_heartbeat, self._next_load, self._drain_deadline)
+        if self._to_cut:
+            return 0.0
+        for held in self.held.values():
+            when = min(when, held.next_try)
         if self._deadlines:
             when = min(when, self._deadlines[0][0])
         return max(0.0, when - self.clock())
@@ -579,7 +690,13 @@ class BrokerCore:
             self.supervisor_view = body
             self._update_availability(body.get("workers", []))
         elif command == P.WORKER_EXITED:
-            self.on_worker_exited(str(body.get("worker")), int(body.get("pid", -1)), int(body.get("status", 1)))
+            try:
+                P.check_fields(body, {"worker": (str, True), "pid": (int, True), "status": (int, True)},
+                               "WORKER_EXITED")
+            except P.ProtocolError as exc:
+                log.error("malformed message from the supervisor: %s", exc.reason)
+                return
+            self.on_worker_exited(body["worker"], body["pid"], body["status"])
         elif command == P.RESTARTED:
             self.control_replies.append(body)
         else:

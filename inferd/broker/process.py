@@ -21,24 +21,24 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
 from inferd import protocol as P, zmqio
 from inferd.broker.core import BrokerCore
+from inferd.broker.delivery import FULL, GONE, SENT
 from inferd.config import Config
 from inferd.errors import ErrorCode
 from inferd.paths import Endpoints, private_umask
 from inferd.proc import child_signals, child_spec, die_with_parent, setup_logging
+from inferd.ratelog import RateLimitedLog
 
 log = logging.getLogger("inferd.broker")
 
 # Messages read from one socket before looking at the others again: amortizes
 # the poll call under load without starving any socket.
 BURST = 256
-# A client that stops reading gets this many queued messages before we treat it as gone.
-CLIENT_SNDHWM = 100_000
 
 
 class ZmqTransport:
@@ -46,17 +46,18 @@ class ZmqTransport:
         self.frontend = frontend
         self.backend = backend
         self.link = link
-        self.unreachable: set[bytes] = set()
 
-    def to_client(self, client: bytes, command: bytes, body: dict[str, Any]) -> None:
-        if client in self.unreachable:
-            return
+    def to_client(self, client: bytes, command: bytes, body: dict[str, Any]) -> int:
+        """SENT, or FULL (its queue is at client_send_hwm) or GONE (no such connection): see ``delivery``."""
         try:
             zmqio.send(self.frontend, [client, P.CLIENT, command, P.pack(body)], zmqio.DONTWAIT)
         except zmq.ZMQError as exc:
-            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
-                raise
-            self.unreachable.add(client)
+            if exc.errno == errno.EAGAIN:
+                return FULL
+            if exc.errno == errno.EHOSTUNREACH:
+                return GONE
+            raise
+        return SENT
 
     def to_worker(self, worker: str, command: bytes, body: dict[str, Any]) -> None:
         try:
@@ -77,7 +78,8 @@ class Broker:
     def __init__(self, config: Config, endpoints: Endpoints):
         self.ctx = zmq.Context()
         max_bytes = config.broker.max_message_bytes
-        self.frontend = self._socket(zmq.ROUTER, max_bytes, router_mandatory=1, sndhwm=CLIENT_SNDHWM)
+        self.frontend = self._socket(zmq.ROUTER, max_bytes, router_mandatory=1,
+                                     sndhwm=config.broker.client_send_hwm)
         self.backend = self._socket(zmq.ROUTER, max_bytes, router_mandatory=1, router_handover=1)
         self.control = self._socket(zmq.ROUTER, max_bytes)
         self.link = self._socket(zmq.DEALER, max_bytes)
@@ -91,6 +93,7 @@ class Broker:
         self._pending_control: dict[int, tuple[bytes, Any]] = {}  # RESTART token -> (inferctl peer, its id)
         self._control_token = 0
         self.stopping = False
+        self._bug_log = RateLimitedLog(log)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def _socket(self, kind: int, max_bytes: int, **options: int) -> zmq.Socket:
@@ -130,20 +133,19 @@ class Broker:
                         frames = zmqio.recv(sock, zmqio.DONTWAIT)
                     except zmq.Again:
                         break
-                    handler(frames)
-                    self._forget_unreachable()
+                    self._handle(handler, frames)
             self.core.tick()
-            self._forget_unreachable()
         log.info("broker stopping: failing what is outstanding")
         self.core.shutdown()
         self.close()
 
-    def _forget_unreachable(self) -> None:
-        if self.transport.unreachable:
-            gone = self.transport.unreachable
-            self.transport.unreachable = set()
-            for client in gone:
-                self.core.on_client_gone(client)
+    def _handle(self, handler: Callable[[list[bytes]], None], frames: list[bytes]) -> None:
+        """Run one message's handler. Every peer's input is validated before use; this is the last
+        line of defence: a bug that one message triggers must not cost every request in flight."""
+        try:
+            handler(frames)
+        except Exception:
+            self._bug_log.error("BUG: handling a message raised; the message is dropped", exc_info=True)
 
     def _from_client(self, frames: list[bytes]) -> None:
         self.core.on_client(frames[0], frames[1:])

@@ -11,6 +11,7 @@ import pytest
 
 from inferd import __version__, protocol as P
 from inferd.broker.core import MAX_DISPATCHES, BrokerCore
+from inferd.broker.delivery import FULL, GONE, SENT
 from inferd.config import parse
 
 # --- harness ----------------------------------------------------------------------------------
@@ -32,9 +33,14 @@ class Recorder:
 
     def __init__(self) -> None:
         self.log: list[tuple[str, Any, bytes, dict]] = []
+        # Client connections that cannot take a message now: FULL or GONE (inferd.broker.delivery).
+        self.blocked: dict[bytes, int] = {}
 
-    def to_client(self, client: bytes, command: bytes, body: dict) -> None:
-        self.log.append(("client", client, command, body))
+    def to_client(self, client: bytes, command: bytes, body: dict) -> int:
+        status = self.blocked.get(client, SENT)
+        if status == SENT:
+            self.log.append(("client", client, command, body))
+        return status
 
     def to_worker(self, worker: str, command: bytes, body: dict) -> None:
         self.log.append(("worker", worker, command, body))
@@ -866,14 +872,23 @@ def test_chunks_of_several_requests_in_one_message_keep_their_order():
     (_, rid_a, _), (_, rid_b, _) = h.requests_sent(h.take())
     h.worker("echo-0", P.CHUNKS, chunks=[[rid_a, "a1"], [rid_b, "b1"], [rid_a, "a2", "length"],
                                          [rid_b, 7], ["nope"], [999999, "late"]])
-    assert h.to_clients(h.take()) == [
+    msgs = h.take()
+    assert h.to_clients(msgs)[:3] == [
         (b"c1", P.CHUNK, {"id": "A", "index": 0, "text": "a1"}),
         (b"c1", P.CHUNK, {"id": "B", "index": 0, "text": "b1"}),
         (b"c1", P.CHUNK, {"id": "A", "index": 1, "text": "a2", "finish_reason": "length"}),
-    ]  # the malformed entries and the unknown rid are skipped, the rest delivered
+    ]  # the well-formed entries are delivered, in order; the unknown rid is skipped
+    # B's malformed chunk ends B: its output would otherwise have a silent gap. The worker still
+    # holds B's slot until it answers the CANCEL.
+    (_, _, error), = h.to_clients(msgs)[3:]
+    assert (error["id"], error["code"]) == ("B", "INTERNAL") and "malformed" in error["message"]
+    assert ("worker", "echo-0", P.CANCEL, {"rid": rid_b}) in msgs
+    assert h.outstanding("echo-0") == 2
     h.worker("echo-0", P.CHUNKS, chunks="not a list")
     h.done("echo-0", rid_a, "length")
+    h.worker("echo-0", P.ERROR, rid=rid_b, code="CANCELLED", message="cancelled")
     assert [(m[3]["id"], m[2]) for m in h.take() if m[0] == "client"] == [("A", P.DONE)]
+    assert h.outstanding("echo-0") == 0
 
 
 def test_rebuild_stops_dispatch_until_the_worker_is_ready_again():
@@ -1145,29 +1160,95 @@ def test_worker_lost_during_drain_is_not_requeued():
 # --- client gone -------------------------------------------------------------------------------
 
 
-def test_client_gone_drops_its_requests_quietly():
-    h = Harness(default_deadline_ms=1000)
+def test_a_gone_client_has_its_requests_ended_and_their_finals_held_until_it_is_back():
+    h = Harness(broker={"client_hold_s": 5.0}, default_deadline_ms=10_000)
     h.ready("echo-0", credits=1)
     h.submit("A", "a", client=b"gone")
     h.submit("B", "b", client=b"gone")
     h.submit("C", "c", client=b"stays")
     rid_a = only(h.requests_sent(h.take()))[1]
-    h.core.on_client_gone(b"gone")
-    assert h.take() == [("worker", "echo-0", P.CANCEL, {"rid": rid_a})]
-    assert len(h.core.deployments["echo"].queue) == 1
-    assert h.metrics()["cancelled"] == 2
-    # Late output of A goes nowhere; its final releases the credit, and C runs.
-    h.chunk("echo-0", rid_a, "x")
-    h.done("echo-0", rid_a)
+    h.rec.blocked[b"gone"] = GONE      # its connection was reset (say, after an oversize frame)
+    h.chunk("echo-0", rid_a, "x")      # the broker learns it on the next reply it tries to send
+    h.advance(0.0)
     msgs = h.take()
     assert h.to_clients(msgs) == []
-    (w, rid_c, prompt), = h.requests_sent(msgs)
+    assert ("worker", "echo-0", P.CANCEL, {"rid": rid_a}) in msgs   # A stops; B leaves the queue
+    assert len(h.core.deployments["echo"].queue) == 1 and h.metrics()["cancelled"] == 2
+    h.done("echo-0", rid_a)            # the worker's own final for A frees its credit: C runs
+    (_, rid_c, prompt), = h.requests_sent(h.take())
     assert prompt == "c"
-    h.advance(2.0)
+    del h.rec.blocked[b"gone"]         # it reconnected under the same routing id
+    h.advance(0.3)
+    assert [(c, cmd, b["id"], b["code"]) for c, cmd, b in h.to_clients(h.take())] == [
+        (b"gone", P.ERROR, "A", "CONNECTION_RESET"), (b"gone", P.ERROR, "B", "CONNECTION_RESET")]
+    assert h.core.held == {}
+    h.submit("D", "d", client=b"gone")  # and it is served again
+    assert h.to_clients(h.take())[0][1] == P.ACCEPTED
+
+
+def test_a_gone_client_that_does_not_come_back_is_forgotten_after_client_hold_s():
+    h = Harness(broker={"client_hold_s": 2.0})
+    h.ready("echo-0", credits=2)
+    h.submit("A", client=b"gone")
+    rid_a = only(h.requests_sent(h.take()))[1]
+    h.rec.blocked[b"gone"] = GONE
+    h.chunk("echo-0", rid_a, "x")
+    h.advance(0.0)
+    for _ in range(7):
+        h.advance(0.25)
+    assert b"gone" in h.core.held      # 1.75 s after: still held
+    h.advance(0.5)
+    assert h.core.held == {}
+    assert h.to_clients(h.rec.log) == [(b"gone", P.ACCEPTED, {"id": "A", "epoch": h.core.epoch, "join": " "})]
+
+
+def test_a_slow_reader_gets_one_final_per_accepted_request_once_it_reads_again():
+    h = Harness(max_concurrency=4)
+    h.ready("echo-0", credits=4)
+    h.submit("A", client=b"slow")
+    h.submit("B", client=b"slow")
+    h.submit("X", client=b"other")
+    (_, rid_a, _), (_, rid_b, _), (_, rid_x, _) = h.requests_sent(h.take())
+    h.rec.blocked[b"slow"] = FULL      # ZeroMQ holds client_send_hwm messages for it already
+    h.chunk("echo-0", rid_a, "a1")
+    h.done("echo-0", rid_b)            # B's DONE comes before the cut: B lost no chunk, but the
+    h.chunk("echo-0", rid_x, "x1")     # connection is held, so B may not claim success
+    h.advance(0.0)
     msgs = h.take()
-    assert all(m[1] != b"gone" for m in msgs)
-    assert [(c, b["id"], b["code"]) for c, _, b in h.to_clients(msgs)] == [(b"stays", "C", "DEADLINE_EXCEEDED")]
-    assert all(m[1] != b"gone" for m in h.rec.log[5:] if m[0] == "client")
+    assert h.to_clients(msgs) == [(b"other", P.CHUNK, {"id": "X", "index": 0, "text": "x1"})]
+    assert ("worker", "echo-0", P.CANCEL, {"rid": rid_a}) in msgs
+    # While held it is refused new work, and a PING is answered later, in order.
+    h.submit("C", client=b"slow")
+    h.client(b"slow", P.PING, {"id": "p"})
+    assert h.to_clients(h.take()) == []
+    h.advance(1.0)
+    assert b"slow" in h.core.held      # still not reading: nothing is dropped
+    del h.rec.blocked[b"slow"]
+    h.advance(0.05)
+    got = [(cmd, b.get("id"), b.get("code")) for _, cmd, b in h.to_clients(h.take())]
+    assert got[:2] == [(P.ERROR, "B", "SLOW_READER"), (P.ERROR, "A", "SLOW_READER")] or \
+        got[:2] == [(P.ERROR, "A", "SLOW_READER"), (P.ERROR, "B", "SLOW_READER")]
+    assert got[2:] == [(P.ERROR, "C", "SLOW_READER"), (P.PONG, "p", None)]
+    h.submit("D", client=b"slow")
+    assert h.to_clients(h.take())[0][1] == P.ACCEPTED
+
+
+def test_a_slow_readers_accepted_is_held_with_its_final_and_other_replies_are_bounded():
+    from inferd.broker.delivery import MAX_OTHERS
+    h = Harness()
+    h.ready("echo-0", credits=2)
+    h.take()
+    h.rec.blocked[b"slow"] = FULL
+    h.submit("A", client=b"slow")      # its ACCEPTED is the message that does not fit
+    h.advance(0.0)
+    for i in range(MAX_OTHERS + 50):
+        h.client(b"slow", P.PING, {"id": i})
+    assert h.core.held[b"slow"].dropped_others == 50
+    del h.rec.blocked[b"slow"]
+    h.advance(0.05)
+    got = [(cmd, b.get("id")) for _, cmd, b in h.to_clients(h.take())]
+    assert got[:2] == [(P.ACCEPTED, "A"), (P.ERROR, "A")]
+    assert len(got) == 2 + MAX_OTHERS
 
 
 # --- the invariant -----------------------------------------------------------------------------
@@ -1314,7 +1395,9 @@ class World:
             if self.dispatches[rid] == 2:
                 self.count("redispatched")
             st = self.reqs[key]
-            assert st.final is None and not st.abandoned, f"dispatch of a finished request {key}"
+            # (A gone client's request may still run: the broker learns that a client is gone only
+            # when a reply to it fails.)
+            assert st.final is None, f"dispatch of a finished request {key}"
             if not st.accepted:
                 self.unaccepted_dispatches.add(key)
             assert st.chunks == 0, "a request that streamed output was dispatched again"
@@ -1518,7 +1601,7 @@ class World:
                 for st in self.reqs.values():
                     if st.client == client and st.accepted and st.final is None:
                         st.abandoned = True
-                self.core.on_client_gone(client)
+                self.rec.blocked[client] = GONE  # it never comes back: whatever it is owed stays held
                 self.gone.add(client)
                 self.clients.remove(client)
                 self.clients.append(b"client-%d" % self.next_client)
@@ -1603,13 +1686,19 @@ def check_metrics(world: World) -> None:
         if st.final is not None:
             finals[(st.final, st.accepted)] = finals.get((st.final, st.accepted), 0) + 1
     abandoned = sum(1 for st in world.reqs.values() if st.abandoned)
-    assert m["completed"] == finals.get(("DONE", True), 0)
-    assert m["rejected_backpressure"] == finals.get(("BACKPRESSURE", True), 0) + finals.get(
-        ("BACKPRESSURE", False), 0)
-    assert m["cancelled"] == finals.get(("CANCELLED", True), 0) + abandoned
-    assert m["timed_out"] == finals.get(("DEADLINE_EXCEEDED", True), 0)
-    assert m["failed"] == sum(finals.get((code, True), 0)
-                              for code in ("WORKER_LOST", "SHUTTING_DOWN", "INTERNAL", "OUT_OF_MEMORY"))
+    # An abandoned request ends, unseen, by whatever came first: its cut when a reply to its gone
+    # client failed (cancelled), its deadline, a lost worker. Each counter holds the finals seen
+    # plus some of those, and together they hold all of them.
+    seen = {
+        "completed": finals.get(("DONE", True), 0),
+        "cancelled": finals.get(("CANCELLED", True), 0),
+        "timed_out": finals.get(("DEADLINE_EXCEEDED", True), 0),
+        "failed": sum(finals.get((code, True), 0)
+                      for code in ("WORKER_LOST", "SHUTTING_DOWN", "INTERNAL", "OUT_OF_MEMORY")),
+        "rejected_backpressure": finals.get(("BACKPRESSURE", True), 0) + finals.get(("BACKPRESSURE", False), 0),
+    }
+    assert all(m[name] >= count for name, count in seen.items()), (m, seen)
+    assert sum(m[name] - count for name, count in seen.items()) == abandoned
     assert m["queued"] == 0 and m["in_flight"] == 0
 
 
@@ -1667,3 +1756,77 @@ def test_request_ids_of_two_broker_processes_do_not_meet():
     assert len(rids[0]) == len(rids[1]) == 3
     assert not rids[0] & rids[1]
     assert min(rids[0] | rids[1]) >= 1 << 20
+
+
+# --- malformed worker messages ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [
+    ("deployment", ["echo"]), ("deployment", {"a": 1}), ("deployment", 7),
+    ("pid", "1234"), ("pid", 1.5), ("pid", [1]), ("pid", -1), ("pid", True),
+    ("credits", -1), ("credits", "8"), ("credits", 1 << 40), ("state", "dancing"), ("state", ["ready"]),
+    ("runner", [1, 2]), ("in_flight", {"x": 1}), ("resumes", -3), ("surprise", 1),
+])
+def test_a_malformed_ready_is_ignored_and_the_broker_keeps_serving(field, value):
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.submit("A")
+    rid = only(h.requests_sent(h.take()))[1]
+    body = {"worker": "echo-1", "deployment": "echo", "device": "cpu:0", "pid": 77, "runtime": "echo",
+            "state": "ready", "credits": 2, "in_flight": 0, field: value}
+    h.core.on_worker(b"echo-1", [P.WORKER, P.READY, P.pack(body)])
+    assert "echo-1" not in h.core.workers
+    h.done("echo-0", rid)
+    assert [(cmd, b["id"]) for _, cmd, b in h.to_clients(h.take())] == [(P.DONE, "A")]
+
+
+@pytest.mark.parametrize("rid", [[1], {"a": 1}, "7", 1.0, None, True])
+@pytest.mark.parametrize("command", [P.DONE, P.ERROR])
+def test_a_final_whose_rid_is_not_an_integer_is_ignored(command, rid):
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.submit("A")
+    real = only(h.requests_sent(h.take()))[1]
+    body = {"rid": rid, "finish_reason": "stop"} if command == P.DONE else {"rid": rid, "code": "INTERNAL"}
+    h.worker("echo-0", command, **body)
+    assert h.to_clients(h.take()) == []
+    h.done("echo-0", real)
+    assert [(cmd, b["id"]) for _, cmd, b in h.to_clients(h.take())] == [(P.DONE, "A")]
+
+
+@pytest.mark.parametrize("entry", [[[1], "x"], [{"a": 1}, "x"], [None, "x"], "x", [1], [1, "x", "bogus"]])
+def test_a_chunk_whose_rid_is_not_an_integer_is_skipped(entry):
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.submit("A")
+    real = only(h.requests_sent(h.take()))[1]
+    h.worker("echo-0", P.CHUNKS, chunks=[entry, [real, "ok"]])
+    assert [(cmd, b["id"]) for _, cmd, b in h.to_clients(h.take())] == [(P.CHUNK, "A")]
+
+
+@pytest.mark.parametrize("body", [
+    {"rid": "RID", "finish_reason": 3},
+    {"rid": "RID", "finish_reason": "exploded"},
+    {"rid": "RID", "finish_reason": "stop", "extra": 1},
+])
+def test_a_malformed_done_for_a_real_request_ends_it_with_internal(body):
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.submit("A")
+    h.submit("B")
+    rid = only(h.requests_sent(h.take()))[1]
+    h.worker("echo-0", P.DONE, **{k: (rid if v == "RID" else v) for k, v in body.items()})
+    msgs = h.take()
+    (_, cmd, err), = h.to_clients(msgs)
+    assert (cmd, err["id"], err["code"]) == (P.ERROR, "A", "INTERNAL")
+    # The worker considers it finished: its credit goes to B at once.
+    assert [p for _, _, p in h.requests_sent(msgs)] == ["hello world"]
+
+
+def test_the_supervisors_malformed_worker_exited_is_logged_not_raised():
+    h = Harness()
+    h.ready("echo-0")
+    for body in ({"worker": ["x"], "pid": 1, "status": 9}, {"worker": "echo-0", "pid": "1", "status": 9},
+                 {"worker": "echo-0"}):
+        h.core.on_supervisor([P.SUPERVISOR, P.WORKER_EXITED, P.pack(body)])
+    assert "echo-0" in h.core.workers

@@ -35,7 +35,7 @@ import aiohttp
 
 from inferd.errors import ErrorCode
 from inferd.metrics import Distribution
-from inferd.protocol import FINISH_STOP
+from inferd.protocol import FINISH_LENGTH, FINISH_STOP
 from inferd.runtimes.base import Output, RunRequest
 from inferd.runtimes.remote.retry import plan_retry, retry_after_s, should_retry
 from inferd.runtimes.remote.settings import Settings
@@ -243,8 +243,8 @@ class UpstreamClient:
                         self.stats.first_token_ms.add((time.monotonic() - began) * 1000)
                     sent[0] += 1
                     self.emit(Output(rid, text))
-                if reason:
-                    finish = reason
+                if reason:  # the protocol's two: "length", or "stop" for every other end (content_filter...)
+                    finish = FINISH_LENGTH if reason == FINISH_LENGTH else FINISH_STOP
         if finish:  # it said how it finished, then closed without [DONE]: nothing is missing
             return finish
         failure = UpstreamFailure(ErrorCode.UPSTREAM_ERROR, f"upstream {upstream.url} closed the stream before "
