@@ -140,9 +140,16 @@ class FakeUpstream:
 
     def stop(self) -> None:
         if self._loop is not None:
-            self._run(self.shutdown())
+            self._run(self._close())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
+
+    async def _close(self) -> None:
+        await self.shutdown()
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:  # handlers of connections that were cut: end them here, not at exit
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     # --- handlers ---------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ request is not stepped, it streams: so the runner runs its own event loop on
 a thread of its own, where :class:`~inferd.runtimes.remote.client.UpstreamClient`
 holds one task per request. Outputs go into a deque, and the first output
 after a step wakes the engine (``self.wake``), whose next step collects all
-that arrived meanwhile: under load one step carries many streams' chunks.
+that arrived in that turn of the loop: under load one step carries many streams' chunks.
 
 Cancel cancels the request's task, which closes its HTTP connection at once.
 Nothing an upstream does raises out of :meth:`step`: an outage fails
@@ -104,8 +104,10 @@ class RemoteRunner(ModelRunner):
     def _emit(self, output: Output) -> None:
         self._outputs.append(output)
         if not self._poked:
+            # One wake-up per turn of the loop, not per output: the outputs of every stream whose
+            # data arrived in this turn go to the engine in one step.
             self._poked = True
-            self.wake()
+            self._loop.call_soon(self.wake)
 
     def _start(self, request: RunRequest) -> None:
         self._tasks[request.rid] = self._loop.create_task(self._serve(request))
