@@ -160,3 +160,13 @@ def test_remote_params_are_the_sampling_params():
     assert runtimes.validate_params("remote", {"max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "seed": 1,
                                                "stop": ["\n"]}, {}) is None
     assert runtimes.validate_params("remote", {"delay_ms": 5}, {}).startswith("delay_ms: unknown")
+
+
+def test_the_commented_remote_example_in_the_default_config_is_valid():
+    import tomllib
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "etc" / "inferd.toml").read_text()
+    block = text[text.index('# [[deployment]]\n# name = "cloud"'):]
+    block = "\n".join(line[2:] if line.startswith("# ") else line for line in block.splitlines())
+    dep = config.parse(tomllib.loads(block)).deployments[0]
+    assert (dep.runtime, dep.options["api_key_env"]) == ("remote", "OPENAI_API_KEY")
