@@ -3,9 +3,9 @@
 The engine drives every runner the same way (admit, cancel, step). A remote
 request is not stepped, it streams: so the runner runs its own event loop on
 a thread of its own, where :class:`~inferd.runtimes.remote.client.UpstreamClient`
-holds one task per request. Outputs go into a deque, and the first output
-after a step wakes the engine (``self.wake``), whose next step collects all
-that arrived in that turn of the loop: under load one step carries many streams' chunks.
+holds one task per request. Outputs go into a deque, and the engine is woken
+(``self.wake``) at most once a millisecond to collect all that arrived: under
+load one step carries many streams' chunks.
 
 Cancel cancels the request's task, which closes its HTTP connection at once.
 Nothing an upstream does raises out of :meth:`step`: an outage fails
@@ -31,6 +31,7 @@ from inferd.runtimes.remote.settings import Settings
 log = logging.getLogger("inferd.remote")
 
 REPORT_INTERVAL_S = 0.25
+WAKE_INTERVAL_S = 0.001
 
 
 class RemoteRunner(ModelRunner):
@@ -44,6 +45,7 @@ class RemoteRunner(ModelRunner):
                                          "is not set or empty")
         self._outputs: collections.deque[Output] = collections.deque()
         self._poked = False
+        self._last_wake = 0.0
         self._tasks: dict[int, asyncio.Task] = {}
         self._report: dict[str, Any] = {}
         self._report_changed = False
@@ -104,10 +106,19 @@ class RemoteRunner(ModelRunner):
     def _emit(self, output: Output) -> None:
         self._outputs.append(output)
         if not self._poked:
-            # One wake-up per turn of the loop, not per output: the outputs of every stream whose
-            # data arrived in this turn go to the engine in one step.
+            # Not a wake-up per output: at most one per WAKE_INTERVAL_S, at once when the last is
+            # older. Under load each step then carries many streams' chunks (one hop to the engine,
+            # one CHUNKS message for all of them); an idle worker's first output goes at once.
             self._poked = True
-            self._loop.call_soon(self.wake)
+            delay = self._last_wake + WAKE_INTERVAL_S - self._loop.time()
+            if delay > 0:
+                self._loop.call_later(delay, self._wake_engine)
+            else:
+                self._loop.call_soon(self._wake_engine)
+
+    def _wake_engine(self) -> None:
+        self._last_wake = self._loop.time()
+        self.wake()
 
     def _start(self, request: RunRequest) -> None:
         self._tasks[request.rid] = self._loop.create_task(self._serve(request))
