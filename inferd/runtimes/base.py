@@ -24,8 +24,8 @@ class RunRequest:
     rid: int
     prompt: str
     params: dict[str, Any]
-    deadline: float | None = None             # time.monotonic() by which the broker gives up on it
     messages: list[dict[str, Any]] | None = None  # a chat request's messages, when it has them
+    deadline: float | None = None             # time.monotonic() by which the broker gives up on it
 
 
 @dataclass(slots=True)

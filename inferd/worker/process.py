@@ -196,8 +196,8 @@ class Worker:
         self.in_flight.add(rid)
         deadline_ms = body.get("deadline_ms")
         deadline = time.monotonic() + deadline_ms / 1000 if isinstance(deadline_ms, (int, float)) else None
-        self.engine.admit(RunRequest(rid, body.get("prompt", ""), body.get("params") or {}, deadline,
-                                     body.get("messages")))
+        self.engine.admit(RunRequest(rid, body.get("prompt", ""), body.get("params") or {},
+                                     messages=body.get("messages"), deadline=deadline))
 
     def _drain_wakeups(self) -> None:
         while True:

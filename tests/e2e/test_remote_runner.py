@@ -35,7 +35,8 @@ class Harness:
                messages: list | None = None) -> int:
         self.rid += 1
         self.outputs[self.rid] = []
-        self.runner.admit(RunRequest(self.rid, prompt, params or {}, time.monotonic() + deadline_s, messages))
+        self.runner.admit(RunRequest(self.rid, prompt, params or {}, messages=messages,
+                                     deadline=time.monotonic() + deadline_s))
         return self.rid
 
     def pump(self, timeout: float = 0.1) -> None:
@@ -125,7 +126,7 @@ def test_completions_api(fake, make_harness):
     call = fake.completion_calls()[-1]
     assert call.path == "/v1/completions" and call.body["prompt"] == PROMPT
     with pytest.raises(RequestRejected, match="completions API"):
-        h.runner.admit(RunRequest(99, "", {}, None, [{"role": "user", "content": "x"}]))
+        h.runner.admit(RunRequest(99, "", {}, messages=[{"role": "user", "content": "x"}]))
 
 
 @pytest.mark.parametrize("fault, least_wait", [
