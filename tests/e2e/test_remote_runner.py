@@ -345,3 +345,22 @@ def test_missing_key_variable_fails_the_load_for_good(fake, monkeypatch):
     with pytest.raises(UnrecoverableError, match="NO_SUCH_KEY") as info:
         runner.load()
     assert classify(info.value) is Failure.UNRECOVERABLE
+
+
+def test_time_to_first_token_and_inter_token_latency_pass_through(make_harness):
+    paced = FakeUpstream(ttft_ms=300, itl_ms=100).start()
+    try:
+        h = make_harness(paced)
+        started = time.monotonic()
+        rid = h.submit("a b c d")
+        arrivals = []
+        while not (h.outputs[rid] and h.outputs[rid][-1].final):
+            seen = len(h.outputs[rid])
+            h.pump(0.01)
+            arrivals += [time.monotonic() - started] * sum(1 for o in h.outputs[rid][seen:] if o.text)
+        assert len(arrivals) == 4 and 0.3 <= arrivals[0] < 0.6
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+        assert all(0.07 <= g < 0.3 for g in gaps), gaps   # streamed as they come, not buffered
+        assert h.report()["upstream"]["first_token_ms"]["p50"] >= 300
+    finally:
+        paced.stop()
