@@ -51,13 +51,6 @@ connect_timeout_ms = 500
 
 
 @pytest.fixture
-def upstream():
-    fake = FakeUpstream().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
 def remote_daemon(make_daemon, upstream, monkeypatch):
     monkeypatch.setenv("INFERD_TEST_KEY", KEY)  # the daemon inherits it; its workers read it
     return make_daemon(remote_config(upstream))

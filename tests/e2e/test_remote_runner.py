@@ -65,22 +65,15 @@ class Harness:
 
 
 @pytest.fixture
-def fake():
-    upstream = FakeUpstream().start()
-    yield upstream
-    upstream.stop()
-
-
-@pytest.fixture
 def make_harness(monkeypatch):
     monkeypatch.setenv("FAKE_KEY", KEY)
     made = []
 
-    def make(fake: FakeUpstream | None = None, capacity: int = 8, **options) -> Harness:
+    def make(upstream: FakeUpstream | None = None, capacity: int = 8, **options) -> Harness:
         opts = {"model": "fake-model", "api_key_env": "FAKE_KEY", "backoff_base_ms": 20, "backoff_cap_ms": 100,
                 "max_retries": 2, "probe_interval_ms": 100, "cooldown_ms": 200, **options}
         if "upstreams" not in opts:
-            opts.setdefault("base_url", fake.base_url)
+            opts.setdefault("base_url", upstream.base_url)
         h = Harness(opts, capacity)
         made.append(h)
         return h
@@ -96,11 +89,11 @@ def closed_port_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
 
 
-def test_chat_stream_sends_params_key_and_headers(fake, make_harness):
-    h = make_harness(fake, headers={"X-Org": "inferd"})
+def test_chat_stream_sends_params_key_and_headers(upstream, make_harness):
+    h = make_harness(upstream, headers={"X-Org": "inferd"})
     final, text = h.run(PROMPT, {"max_tokens": 3, "temperature": 0.5, "top_p": 0.9, "seed": 7, "stop": ["\n"]})
     assert (final.finish_reason, text) == ("length", "the quick brown")
-    call = fake.completion_calls()[-1]
+    call = upstream.completion_calls()[-1]
     assert call.path == "/v1/chat/completions"
     assert call.body == {"model": "fake-model", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 3,
                          "temperature": 0.5, "top_p": 0.9, "seed": 7, "stop": ["\n"], "stream": True}
@@ -111,19 +104,19 @@ def test_chat_stream_sends_params_key_and_headers(fake, make_harness):
     assert (final.finish_reason, text) == ("stop", PROMPT)
 
 
-def test_chat_messages_are_sent_as_given(fake, make_harness):
-    h = make_harness(fake)
+def test_chat_messages_are_sent_as_given(upstream, make_harness):
+    h = make_harness(upstream)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     final, text = h.run("", messages=messages)
     assert text == "hello there"
-    assert fake.completion_calls()[-1].body["messages"] == messages
+    assert upstream.completion_calls()[-1].body["messages"] == messages
 
 
-def test_completions_api(fake, make_harness):
-    h = make_harness(fake, api="completions")
+def test_completions_api(upstream, make_harness):
+    h = make_harness(upstream, api="completions")
     final, text = h.run(PROMPT, {"max_tokens": 2})
     assert (final.finish_reason, text) == ("length", "the quick")
-    call = fake.completion_calls()[-1]
+    call = upstream.completion_calls()[-1]
     assert call.path == "/v1/completions" and call.body["prompt"] == PROMPT
     with pytest.raises(RequestRejected, match="completions API"):
         h.runner.admit(RunRequest(99, "", {}, messages=[{"role": "user", "content": "x"}]))
@@ -136,62 +129,62 @@ def test_completions_api(fake, make_harness):
     ({"status": 500}, 0.0),
     ({"status": 503}, 0.0),
 ])
-def test_retryable_statuses_are_retried_honouring_the_hint(fake, make_harness, fault, least_wait):
-    h = make_harness(fake)
-    fake.fault("status", **fault)
+def test_retryable_statuses_are_retried_honouring_the_hint(upstream, make_harness, fault, least_wait):
+    h = make_harness(upstream)
+    upstream.fault("status", **fault)
     started = time.monotonic()
     final, text = h.run(PROMPT)
     assert (final.finish_reason, text) == ("stop", PROMPT)
     assert time.monotonic() - started >= least_wait
-    assert [c.status for c in fake.completion_calls()] == [fault["status"], 200]
+    assert [c.status for c in upstream.completion_calls()] == [fault["status"], 200]
     report = h.report()["upstream"]
     assert report["retries"] == 1 and report["status"] == {str(fault["status"]): 1, "200": 1}
 
 
-def test_5xx_retries_exhausted_is_upstream_error(fake, make_harness):
-    h = make_harness(fake, max_retries=2)
+def test_5xx_retries_exhausted_is_upstream_error(upstream, make_harness):
+    h = make_harness(upstream, max_retries=2)
     for _ in range(3):
-        fake.fault("status", status=503, message="overloaded")
+        upstream.fault("status", status=503, message="overloaded")
     final, text = h.run(PROMPT)
     assert final.error is ErrorCode.UPSTREAM_ERROR and text == ""
     assert "answered 503: overloaded" in final.message and "after 3 attempts" in final.message
-    assert final.details == {"upstream": fake.base_url, "kind": "status", "attempts": 3, "status": 503}
-    assert len(fake.completion_calls()) == 3
+    assert final.details == {"upstream": upstream.base_url, "kind": "status", "attempts": 3, "status": 503}
+    assert len(upstream.completion_calls()) == 3
 
 
-def test_429_retries_exhausted_is_backpressure_with_the_hint(fake, make_harness):
-    h = make_harness(fake, max_retries=1)
-    fake.fault("status", status=429, retry_after_ms=100).fault("status", status=429, retry_after="7")
+def test_429_retries_exhausted_is_backpressure_with_the_hint(upstream, make_harness):
+    h = make_harness(upstream, max_retries=1)
+    upstream.fault("status", status=429, retry_after_ms=100).fault("status", status=429, retry_after="7")
     final, _ = h.run(PROMPT)
     assert final.error is ErrorCode.BACKPRESSURE
     assert final.details["retry_after_ms"] == 7000 and final.details["status"] == 429
 
 
-def test_a_hint_past_the_deadline_fails_at_once(fake, make_harness):
-    h = make_harness(fake)
-    fake.fault("status", status=429, retry_after="30")
+def test_a_hint_past_the_deadline_fails_at_once(upstream, make_harness):
+    h = make_harness(upstream)
+    upstream.fault("status", status=429, retry_after="30")
     started = time.monotonic()
     final, _ = h.run(PROMPT, deadline_s=5)
     assert final.error is ErrorCode.BACKPRESSURE and time.monotonic() - started < 2
-    assert len(fake.completion_calls()) == 1
+    assert len(upstream.completion_calls()) == 1
 
 
-def test_400_is_bad_request_with_the_upstream_message_and_no_retry(fake, make_harness):
-    h = make_harness(fake)
-    fake.fault("status", status=400, message="max_tokens is too large")
+def test_400_is_bad_request_with_the_upstream_message_and_no_retry(upstream, make_harness):
+    h = make_harness(upstream)
+    upstream.fault("status", status=400, message="max_tokens is too large")
     final, _ = h.run(PROMPT)
     assert final.error is ErrorCode.BAD_REQUEST and "max_tokens is too large" in final.message
-    assert len(fake.completion_calls()) == 1
+    assert len(upstream.completion_calls()) == 1
 
 
-def test_401_is_upstream_auth_not_retried_and_never_shows_the_key(fake, make_harness):
-    h = make_harness(fake)
-    fake.fault("status", status=401)
+def test_401_is_upstream_auth_not_retried_and_never_shows_the_key(upstream, make_harness):
+    h = make_harness(upstream)
+    upstream.fault("status", status=401)
     final, _ = h.run(PROMPT)
     assert final.error is ErrorCode.UPSTREAM_AUTH
-    assert KEY in fake.completion_calls()[0].headers["Authorization"]      # it was sent, and echoed back
+    assert KEY in upstream.completion_calls()[0].headers["Authorization"]      # it was sent, and echoed back
     assert KEY not in final.message and "[redacted]" in final.message
-    assert len(fake.completion_calls()) == 1
+    assert len(upstream.completion_calls()) == 1
 
 
 def test_a_key_the_upstream_refuses_degrades_the_deployment_as_an_auth_problem(make_harness):
@@ -209,51 +202,51 @@ def test_a_key_the_upstream_refuses_degrades_the_deployment_as_an_auth_problem(m
         strict.stop()
 
 
-def test_slow_first_byte_times_out_and_is_retried(fake, make_harness):
-    h = make_harness(fake, read_timeout_ms=300)
-    fake.fault("slow_first_byte", delay_ms=1500)
+def test_slow_first_byte_times_out_and_is_retried(upstream, make_harness):
+    h = make_harness(upstream, read_timeout_ms=300)
+    upstream.fault("slow_first_byte", delay_ms=1500)
     final, text = h.run(PROMPT)
     assert (final.finish_reason, text) == ("stop", PROMPT)
     assert h.report()["upstream"]["errors"] == {"timeout": 1}
 
 
-def test_slow_first_byte_without_retries_is_a_timeout_error(fake, make_harness):
-    h = make_harness(fake, read_timeout_ms=300, max_retries=0)
-    fake.fault("slow_first_byte", delay_ms=1500)
+def test_slow_first_byte_without_retries_is_a_timeout_error(upstream, make_harness):
+    h = make_harness(upstream, read_timeout_ms=300, max_retries=0)
+    upstream.fault("slow_first_byte", delay_ms=1500)
     final, _ = h.run(PROMPT)
     assert final.error is ErrorCode.UPSTREAM_ERROR and final.details["kind"] == "timeout"
 
 
-def test_drop_before_the_first_token_is_retried(fake, make_harness):
-    h = make_harness(fake)
-    fake.fault("drop", after=0)
+def test_drop_before_the_first_token_is_retried(upstream, make_harness):
+    h = make_harness(upstream)
+    upstream.fault("drop", after=0)
     final, text = h.run(PROMPT)
     assert (final.finish_reason, text) == ("stop", PROMPT)
-    assert len(fake.completion_calls()) == 2
+    assert len(upstream.completion_calls()) == 2
 
 
-def test_drop_mid_stream_is_an_error_and_never_retried(fake, make_harness):
-    h = make_harness(fake)
-    fake.fault("drop", after=2)
+def test_drop_mid_stream_is_an_error_and_never_retried(upstream, make_harness):
+    h = make_harness(upstream)
+    upstream.fault("drop", after=2)
     final, text = h.run(PROMPT)
     assert text == "the quick"
     assert final.error is ErrorCode.UPSTREAM_ERROR and final.details["chunks"] == 2
     assert "not retried" in final.message
-    assert len(fake.completion_calls()) == 1
+    assert len(upstream.completion_calls()) == 1
 
 
-def test_events_split_across_writes_even_mid_utf8(fake, make_harness):
-    h = make_harness(fake)
+def test_events_split_across_writes_even_mid_utf8(upstream, make_harness):
+    h = make_harness(upstream)
     prompt = "naïve café — 日本語 ok"
-    fake.fault("split", piece=3)
+    upstream.fault("split", piece=3)
     final, text = h.run(prompt)
     assert (final.finish_reason, text) == ("stop", prompt)
 
 
 @pytest.mark.parametrize("kind, expect", [("invalid_json", "not JSON"), ("error_event", "the model overheated")])
-def test_invalid_json_and_error_events_are_typed_errors_and_the_runner_carries_on(fake, make_harness, kind, expect):
-    h = make_harness(fake)
-    fake.fault(kind, after=1)
+def test_invalid_json_and_error_events_are_typed_errors_and_the_runner_carries_on(upstream, make_harness, kind, expect):
+    h = make_harness(upstream)
+    upstream.fault(kind, after=1)
     final, text = h.run(PROMPT)
     assert text == "the"
     assert final.error is ErrorCode.UPSTREAM_ERROR and expect in final.message
@@ -278,18 +271,18 @@ def test_cancel_closes_the_upstream_connection_at_once(make_harness):
         slow.stop()
 
 
-def test_the_deadline_bounds_the_whole_exchange(fake, make_harness):
-    h = make_harness(fake)
-    fake.fault("slow_first_byte", delay_ms=3000)
+def test_the_deadline_bounds_the_whole_exchange(upstream, make_harness):
+    h = make_harness(upstream)
+    upstream.fault("slow_first_byte", delay_ms=3000)
     started = time.monotonic()
     final, _ = h.run(PROMPT, deadline_s=0.5)
     assert final.error is ErrorCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 1.5
 
 
-def test_failover_to_the_next_upstream_and_cooldown(fake, make_harness):
+def test_failover_to_the_next_upstream_and_cooldown(upstream, make_harness):
     down = closed_port_url()
-    h = make_harness(upstreams=[down, fake.base_url], cooldown_ms=60_000)
+    h = make_harness(upstreams=[down, upstream.base_url], cooldown_ms=60_000)
     final, text = h.run(PROMPT)
     assert (final.finish_reason, text) == ("stop", PROMPT)
     report = h.report()
@@ -325,23 +318,23 @@ def test_the_fakes_concurrency_limit_queues_the_rest():
         limited.stop()
 
 
-def test_outage_degrades_then_a_probe_recovers_without_traffic(fake, make_harness):
-    h = make_harness(fake, max_retries=1, connect_timeout_ms=500)
-    fake.down()
+def test_outage_degrades_then_a_probe_recovers_without_traffic(upstream, make_harness):
+    h = make_harness(upstream, max_retries=1, connect_timeout_ms=500)
+    upstream.down()
     final, _ = h.run(PROMPT)
     assert final.error is ErrorCode.UPSTREAM_ERROR and final.details["kind"] == "connection"
     assert wait_for(lambda: h.report()["health"] == "degraded", 5)
-    fake.up()
+    upstream.up()
     assert wait_for(lambda: h.report()["health"] == "ok", 5, what="the probe to find the upstream back")
-    assert any(c.path == "/v1/models" for c in fake.calls)
+    assert any(c.path == "/v1/models" for c in upstream.calls)
     final, text = h.run(PROMPT)
     assert text == PROMPT
 
 
-def test_missing_key_variable_fails_the_load_for_good(fake, monkeypatch):
+def test_missing_key_variable_fails_the_load_for_good(upstream, monkeypatch):
     from inferd.failures import Failure, UnrecoverableError, classify
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
-    runner = RemoteRunner({"base_url": fake.base_url, "model": "m", "api_key_env": "NO_SUCH_KEY"}, (), 1)
+    runner = RemoteRunner({"base_url": upstream.base_url, "model": "m", "api_key_env": "NO_SUCH_KEY"}, (), 1)
     with pytest.raises(UnrecoverableError, match="NO_SUCH_KEY") as info:
         runner.load()
     assert classify(info.value) is Failure.UNRECOVERABLE

@@ -27,7 +27,6 @@ class Upstream:
     auth_failed: bool = False
     last_status: int | None = None
     last_error: str = ""
-    served: int = 0                   # attempts it answered with a stream
 
     def cooling(self, now: float) -> bool:
         return now < self.cooldown_until
@@ -70,7 +69,6 @@ class Upstreams:
         upstream.cooldown_until = 0.0
         upstream.auth_failed = False
         upstream.last_error = ""
-        upstream.served += 1
 
     def failed(self, upstream: Upstream, status: int | None, error: str) -> None:
         """A retryable failure (the upstream is down or overloaded): it cools down."""
