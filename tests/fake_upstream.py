@@ -120,6 +120,7 @@ class FakeUpstream:
             loop.run_until_complete(self.serve())
             ready.set()
             loop.run_forever()
+            loop.close()
 
         self._thread = threading.Thread(target=run, name="fake-upstream", daemon=True)
         self._thread.start()
