@@ -216,7 +216,7 @@ class UpstreamClient:
                                       "connection", retryable=True)
         except (aiohttp.ClientError, OSError) as exc:
             failure = UpstreamFailure(ErrorCode.UPSTREAM_ERROR,
-                                      f"cannot reach upstream {where}: {type(exc).__name__}: {exc}",
+                                      f"connection to upstream {where} failed: {type(exc).__name__}: {exc}",
                                       "connection", retryable=True)
         self.upstreams.failed(upstream, None, self.scrub(failure.message))
         raise failure
