@@ -134,11 +134,10 @@ class UpstreamClient:
 
     # --- one request ---------------------------------------------------------------------------
 
-    async def stream(self, request: RunRequest) -> None:
-        """Stream ``request``: its chunks, then exactly one final output."""
+    async def stream(self, request: RunRequest, body: bytes) -> None:
+        """Stream ``request`` (``body``, its JSON for the upstream): its chunks, then exactly one final output."""
         rid = request.rid
         deadline = request.deadline if request.deadline is not None else time.monotonic() + NO_DEADLINE_S
-        body = self.settings.body(request)
         started = time.monotonic()
         sent = [0]                   # chunks already streamed to the client
         tried: set[str] = set()

@@ -71,8 +71,8 @@ class RemoteRunner(ModelRunner):
     # --- the engine thread ---------------------------------------------------------------------
 
     def admit(self, request: RunRequest) -> None:
-        self.settings.body(request)  # a request this API cannot take is rejected here (RequestRejected)
-        self._loop.call_soon_threadsafe(self._start, request)
+        body = self.settings.body(request)  # a request this API cannot take is rejected here (RequestRejected)
+        self._loop.call_soon_threadsafe(self._start, request, body)
 
     def cancel(self, rid: int) -> None:
         self._loop.call_soon_threadsafe(self._cancel, rid)
@@ -120,17 +120,17 @@ class RemoteRunner(ModelRunner):
         self._last_wake = self._loop.time()
         self.wake()
 
-    def _start(self, request: RunRequest) -> None:
-        self._tasks[request.rid] = self._loop.create_task(self._serve(request))
+    def _start(self, request: RunRequest, body: bytes) -> None:
+        self._tasks[request.rid] = self._loop.create_task(self._serve(request, body))
 
     def _cancel(self, rid: int) -> None:
         task = self._tasks.pop(rid, None)
         if task is not None:
             task.cancel()
 
-    async def _serve(self, request: RunRequest) -> None:
+    async def _serve(self, request: RunRequest, body: bytes) -> None:
         try:
-            await self.client.stream(request)
+            await self.client.stream(request, body)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug here must fail the request, not the worker
