@@ -93,7 +93,8 @@ def test_the_key_never_appears_in_status_metrics_logs_or_errors(make_daemon, mon
         assert "authentication failed (401)" in status["deployments"]["cloud"]["problems"][0]
         assert status["workers"][0]["restarts"] == 0
         inferctl = os.path.join(os.path.dirname(sys.executable), "inferctl")
-        shown = subprocess.run([inferctl, "--runtime-dir", str(daemon.runtime_dir), "status"], capture_output=True, text=True, env=dict(os.environ, INFERD_TEST_KEY=""))
+        shown = subprocess.run([inferctl, "--runtime-dir", str(daemon.runtime_dir), "status"], capture_output=True,
+                               text=True, env=dict(os.environ, INFERD_TEST_KEY=""))
         assert "cloud degraded" in shown.stdout and "authentication failed" in shown.stdout
         for text in (json.dumps(status), json.dumps(daemon.metrics()), daemon.logs(), daemon.config_path.read_text(),
                      shown.stdout):
