@@ -123,7 +123,7 @@ def status(obj: Ctx, as_json: bool) -> None:
     notes = [f"{w['id']}: {w['failure']}" for w in st["workers"] if w.get("failure")]
     notes += [f"{n} degraded: {problem}" for n, v in st["deployments"].items() for problem in v.get("problems", [])]
     notes += [f"runner {w['id']}: " + " ".join(f"{k}={v}" for k, v in sorted(w["runner"].items())
-                                               if not isinstance(v, (dict, list)) and v != "")
+                                               if not isinstance(v, (dict, list)) and k != "problem")
               for w in st["workers"] if w.get("runner")]
     notes += [f"upstream {w['id']}: {u['url']} {u['state']}" + (f" ({u['last_error']})" if u["last_error"] else "")
               for w in st["workers"] for u in w.get("runner", {}).get("upstreams", [])]
