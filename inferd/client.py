@@ -16,10 +16,23 @@ not be shared between threads. Use one Client per thread (they are cheap), or
 one :class:`AsyncClient` per event loop. Streams of one Client may be
 interleaved freely within its thread.
 
-When the daemon dies mid-request the client does not hang: without a
-deadline it pings after ``liveness_s`` of silence, and a broker that does not
-answer, or answers with a new epoch (it restarted and lost the request),
-raises :class:`~inferd.errors.Unavailable`.
+The client never hangs on a daemon that is not there:
+
+* a runtime dir whose daemon has stopped (its socket files left behind) raises
+  :class:`~inferd.errors.DaemonNotRunning` at once;
+* a SUBMIT that gets neither ACCEPTED nor ERROR within ``answer_timeout_s``
+  (default 5 s: the broker is down or restarting) raises
+  :class:`~inferd.errors.Unavailable`, after a CANCEL in case it arrives later;
+* once accepted, after ``liveness_s`` of silence it pings, and a broker that
+  does not answer, or answers with a new epoch (it restarted and lost the
+  request), raises :class:`~inferd.errors.Unavailable`.
+
+A request larger than the daemon's ``max_message_bytes`` raises
+:class:`~inferd.errors.MessageTooLarge` before anything is sent: ZeroMQ would
+otherwise reset the connection. The socket keeps a fixed routing id, so the
+final replies of a connection that was reset anyway still reach it, and it
+reads everything the broker sends as it arrives (no receive high-water mark),
+so the broker never takes it for a slow reader.
 """
 
 from __future__ import annotations
@@ -36,13 +49,17 @@ from typing import Any, AsyncIterator, Iterator
 import zmq
 import zmq.asyncio
 
-from inferd import errors, protocol as P, zmqio
-from inferd.paths import default_runtime_dir
+from inferd import curve, errors, protocol as P, zmqio
+from inferd.paths import daemon_alive, default_runtime_dir
 
 __all__ = ["AsyncClient", "Chunk", "Client", "default_endpoint"]
 
 # Grace beyond a request's own deadline before the client gives up on the broker's answer.
 DEADLINE_GRACE_S = 1.0
+# No daemon accepts a smaller max_message_bytes: requests up to this size need no size check.
+MIN_MESSAGE_LIMIT = 1024
+# The limit assumed of a broker whose PONG does not say (the config's default).
+DEFAULT_MESSAGE_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +75,40 @@ def default_endpoint(runtime_dir: str | os.PathLike | None = None) -> str:
 
 
 def _check_reachable(endpoint: str) -> None:
-    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
-        raise errors.DaemonNotRunning(f"inferd is not running: no socket at {endpoint[len('ipc://'):]}")
+    if not endpoint.startswith("ipc://"):
+        return
+    path = Path(endpoint[len("ipc://"):])
+    if not path.exists():
+        raise errors.DaemonNotRunning(f"inferd is not running: no socket at {path}")
+    if daemon_alive(path.parent) is False:
+        raise errors.DaemonNotRunning(f"inferd is not running: {path} was left by a daemon that stopped")
+
+
+def _open_socket(ctx: zmq.Context, endpoint: str, keys: curve.ClientKeys | None, send_timeout_s: float) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    # A DEALER with no connection (a refused CURVE handshake, say) blocks a send for ever.
+    sock.setsockopt(zmq.SNDTIMEO, max(1, int(send_timeout_s * 1000)))
+    # Read whatever the broker sends as soon as it arrives, whatever the caller is doing:
+    # a client whose queue fills up is a slow reader to the broker, which ends its requests.
+    sock.setsockopt(zmq.RCVHWM, 0)
+    # A fixed identity across reconnects: finals held for a reset connection still arrive.
+    sock.setsockopt(zmq.ROUTING_ID, b"inferd-client-" + os.urandom(12))
+    if keys is not None:
+        keys.apply(sock)
+    sock.connect(endpoint)
+    return sock
+
+
+def _unreachable(endpoint: str, timeout_s: float) -> errors.Unavailable:
+    return errors.Unavailable(f"cannot send to inferd at {endpoint}: no connection took the message within "
+                              f"{timeout_s:g} s (for tcp: is the port right, and does the daemon accept this "
+                              f"client's CURVE keys?)")
+
+
+def _checked_size(body: bytes, limit: int) -> None:
+    if len(body) > limit:
+        raise errors.MessageTooLarge(len(body), limit)
 
 
 def _submit_body(cid: int, deployment: str, prompt: str, priority: int | None, deadline_ms: int | None,
@@ -76,6 +125,25 @@ def _submit_body(cid: int, deployment: str, prompt: str, priority: int | None, d
     return body
 
 
+def _gap(expected: int, body: dict[str, Any]) -> errors.ConnectionReset | None:
+    """A CHUNK whose index skips, or a DONE whose count differs: messages were lost in a reset."""
+    got = body.get("index") if "index" in body else body.get("chunks")
+    if got == expected:
+        return None
+    return errors.ConnectionReset(f"the connection to inferd was reset and output was lost "
+                                  f"({expected} chunk(s) received in order, then {'chunk' if 'index' in body else 'a DONE for'} {got})")
+
+
+def _pong_problem(body: dict[str, Any], epoch: Any, cid: Any) -> errors.InferdError | None:
+    """What a PONG says about a request still waiting for its final: lost in a restart or a reset."""
+    if body.get("epoch") != epoch:
+        return errors.Unavailable("inferd restarted while the request was in flight; it was lost")
+    if cid not in body.get("in_flight", (cid,)):
+        return errors.ConnectionReset("the connection to inferd was reset and the request's final reply "
+                                      "was lost (the broker has ended it)")
+    return None
+
+
 def _error(body: dict[str, Any]) -> errors.InferdError:
     return errors.from_wire(str(body.get("code")), str(body.get("message", "")), body.get("details"))
 
@@ -86,6 +154,8 @@ class _Tracker:
     def __init__(self, deadline_ms: int | None, liveness_s: float, answer_s: float):
         now = time.monotonic()
         self.give_up = now + deadline_ms / 1000 + DEADLINE_GRACE_S if deadline_ms else float("inf")
+        self.answer_by = now + answer_s     # the SUBMIT's ACCEPTED (or ERROR) is due by then
+        self.accepted = False
         self.liveness_s = liveness_s
         self.answer_s = answer_s
         self.heard(now)
@@ -95,25 +165,42 @@ class _Tracker:
         self.ping_sent: float | None = None
 
     def wait_s(self, now: float) -> float:
-        nxt = self.ping_sent + self.answer_s if self.ping_sent is not None else self.last_heard + self.liveness_s
+        if not self.accepted:
+            nxt = self.answer_by
+        elif self.ping_sent is not None:
+            nxt = self.ping_sent + self.answer_s
+        else:
+            nxt = self.last_heard + self.liveness_s
         return max(0.0, min(nxt, self.give_up) - now)
+
+    def timed_out(self, now: float, endpoint: str) -> errors.InferdError | None:
+        """What to raise now that nothing came in time, or None: wait on (not yet accepted: nothing
+        to ask about) or ping first (accepted)."""
+        if now >= self.give_up:
+            return errors.DeadlineExceeded("no final answer from inferd before the request's deadline")
+        if not self.accepted and now >= self.answer_by:
+            return errors.Unavailable(
+                f"no answer to the request from inferd at {endpoint} within {self.answer_s:g} s: the broker "
+                f"is down or restarting; it was not accepted (a CANCEL follows it in case it arrives later)")
+        if self.ping_sent is not None:
+            return errors.Unavailable(f"lost contact with inferd at {endpoint}")
+        return None
 
 
 class Client:
     """A blocking client. Not thread-safe: use one per thread."""
 
     def __init__(self, endpoint: str | None = None, *, runtime_dir: str | os.PathLike | None = None,
-                 answer_timeout_s: float = 5.0, liveness_s: float = 10.0):
+                 answer_timeout_s: float = 5.0, liveness_s: float = 10.0, curve_keys: curve.ClientKeys | None = None):
         self.endpoint = endpoint or default_endpoint(runtime_dir)
         _check_reachable(self.endpoint)
         self.answer_timeout_s = answer_timeout_s
         self.liveness_s = liveness_s
         self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
+        self._sock = _open_socket(self._ctx, self.endpoint, curve_keys, answer_timeout_s)
         self._ids = itertools.count(1)
         self._inbox: dict[Any, collections.deque[tuple[bytes, dict]]] = {}
+        self._limit: int | None = None  # the broker's max_message_bytes, asked for when first needed
 
     def __enter__(self) -> "Client":
         return self
@@ -133,9 +220,22 @@ class Client:
         requests can be submitted without waiting for each answer.
         """
         cid = next(self._ids)
+        frames = P.encode(P.CLIENT, P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms,
+                                                             affinity, params))
+        if len(frames[2]) > MIN_MESSAGE_LIMIT:
+            _checked_size(frames[2], self._message_limit())
         self._inbox[cid] = collections.deque()
-        self._send(P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms, affinity, params))
+        try:
+            self._send_frames(frames)
+        except errors.Unavailable:
+            self._inbox.pop(cid)
+            raise
         return Stream(self, cid, _Tracker(deadline_ms, self.liveness_s, self.answer_timeout_s))
+
+    def _message_limit(self) -> int:
+        if self._limit is None:
+            self._limit = self.ping().get("max_message_bytes", DEFAULT_MESSAGE_LIMIT)
+        return self._limit
 
     def complete(self, deployment: str, prompt: str, **kwargs: Any) -> str:
         """Run a request to the end and return its whole text."""
@@ -165,7 +265,20 @@ class Client:
     # internals shared with Stream
 
     def _send(self, command: bytes, body: dict[str, Any]) -> None:
-        zmqio.send(self._sock, P.encode(P.CLIENT, command, body))
+        self._send_frames(P.encode(P.CLIENT, command, body))
+
+    def _send_frames(self, frames: list[bytes]) -> None:
+        try:
+            zmqio.send(self._sock, frames)
+        except zmq.Again:
+            raise _unreachable(self.endpoint, self.answer_timeout_s) from None
+
+    def _send_cancel(self, cid: Any) -> None:
+        """Best effort, never blocking: with no connection there is nothing to cancel on."""
+        try:
+            zmqio.send(self._sock, P.encode(P.CLIENT, P.CANCEL, {"id": cid}), zmqio.DONTWAIT)
+        except zmq.Again:
+            pass
 
     def _take(self, cid: Any, timeout_s: float) -> tuple[bytes, dict] | None:
         """The next message for ``cid``, buffering others' messages; None on timeout."""
@@ -228,15 +341,22 @@ class Stream:
             message = self._next_message()
             command, body = message
             if command == P.ACCEPTED:
-                self._accepted = True
+                self._accepted = self._tracker.accepted = True
                 self._epoch = body.get("epoch")
                 self.join = body.get("join", "")
             elif command == P.CHUNK:
-                chunk = Chunk(body.get("text", ""), body.get("index", 0), body.get("finish_reason"))
+                gap = _gap(self._last.index + 1 if self._last else 0, body)
+                if gap:
+                    self.close()
+                    raise gap
+                chunk = Chunk(body.get("text", ""), body["index"], body.get("finish_reason"))
                 self._last = chunk
                 return chunk
             elif command == P.DONE:
                 self._end()
+                gap = _gap(self._last.index + 1 if self._last else 0, body)
+                if gap:
+                    raise gap
                 self.finish_reason = body.get("finish_reason")
                 if self._last is None or self._last.finish_reason is None:
                     # The runtime could not mark its last chunk: close the stream with an empty one.
@@ -246,7 +366,10 @@ class Stream:
                 self._end()
                 raise _error(body)
             elif command == P.PONG:
-                self._check_epoch(body)
+                problem = _pong_problem(body, self._epoch, self.id)
+                if problem:
+                    self.close()
+                    raise problem
         raise StopIteration
 
     def _next_message(self) -> tuple[bytes, dict]:
@@ -257,22 +380,14 @@ class Stream:
             if message is not None:
                 tracker.heard(now)
                 return message
-            if now >= tracker.give_up:
+            error = tracker.timed_out(now, self._client.endpoint)
+            if error is not None:
                 self.close()
-                raise errors.DeadlineExceeded("no final answer from inferd before the request's deadline")
-            if tracker.ping_sent is not None:
-                self.close()
-                raise errors.Unavailable(f"lost contact with inferd at {self._client.endpoint}")
+                raise error
+            if not tracker.accepted:
+                continue
             self._client._send(P.PING, {"id": self.id})
             tracker.ping_sent = now
-
-    def _check_epoch(self, body: dict[str, Any]) -> None:
-        if self._epoch is not None and body.get("epoch") != self._epoch:
-            self._end()
-            raise errors.Unavailable("inferd restarted while the request was in flight; it was lost")
-        if not self._accepted:
-            self._end()
-            raise errors.Unavailable("inferd restarted before answering the request; it was lost")
 
     def _end(self) -> None:
         self._finished = True
@@ -281,12 +396,12 @@ class Stream:
     def cancel(self) -> None:
         """Cancel the request; iterating further raises :class:`~inferd.errors.Cancelled`."""
         if not self._finished:
-            self._client._send(P.CANCEL, {"id": self.id})
+            self._client._send_cancel(self.id)
 
     def close(self) -> None:
         """Stop reading; cancels the request on the daemon if it has not ended."""
         if not self._finished:
-            self._client._send(P.CANCEL, {"id": self.id})
+            self._client._send_cancel(self.id)
             self._end()
 
 
@@ -310,15 +425,14 @@ class AsyncClient:
     """
 
     def __init__(self, endpoint: str | None = None, *, runtime_dir: str | os.PathLike | None = None,
-                 answer_timeout_s: float = 5.0, liveness_s: float = 10.0):
+                 answer_timeout_s: float = 5.0, liveness_s: float = 10.0, curve_keys: curve.ClientKeys | None = None):
         self.endpoint = endpoint or default_endpoint(runtime_dir)
         _check_reachable(self.endpoint)
         self.answer_timeout_s = answer_timeout_s
         self.liveness_s = liveness_s
         self._ctx = zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
+        self._sock = _open_socket(self._ctx, self.endpoint, curve_keys, answer_timeout_s)
+        self._limit: int | None = None
         self._ids = itertools.count(1)
         self._inbox: dict[Any, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
@@ -364,8 +478,11 @@ class AsyncClient:
         if box is not None:
             box.put_nowait((command, body))
 
-    async def _send(self, command: bytes, body: dict[str, Any]) -> None:
-        await self._sock.send_multipart(P.encode(P.CLIENT, command, body))
+    async def _send(self, command: bytes, body: dict[str, Any], flags: int = 0) -> None:
+        try:
+            await self._sock.send_multipart(P.encode(P.CLIENT, command, body), flags)
+        except zmq.Again:
+            raise _unreachable(self.endpoint, self.answer_timeout_s) from None
 
     async def ping(self) -> dict[str, Any]:
         self._ensure_reader()
@@ -389,48 +506,65 @@ class AsyncClient:
         """Submit a request and yield its chunks; leaving the loop early cancels it."""
         self._ensure_reader()
         cid = next(self._ids)
+        frames = P.encode(P.CLIENT, P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms,
+                                                             affinity, params))
+        if len(frames[2]) > MIN_MESSAGE_LIMIT:
+            if self._limit is None:
+                self._limit = (await self.ping()).get("max_message_bytes", DEFAULT_MESSAGE_LIMIT)
+            _checked_size(frames[2], self._limit)
         box = self._inbox[cid] = asyncio.Queue()
         tracker = _Tracker(deadline_ms, self.liveness_s, self.answer_timeout_s)
         finished = False
         epoch = None
         last: Chunk | None = None
         try:
-            await self._send(P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms, affinity,
-                                                    params))
+            try:
+                await self._sock.send_multipart(frames)
+            except zmq.Again:
+                finished = True  # never sent: nothing to cancel
+                raise _unreachable(self.endpoint, self.answer_timeout_s) from None
             while True:
                 try:
                     command, body = await _next(box, tracker.wait_s(time.monotonic()) or 1e-3)
                 except asyncio.TimeoutError:
                     now = time.monotonic()
-                    if now >= tracker.give_up:
-                        raise errors.DeadlineExceeded(
-                            "no final answer from inferd before the request's deadline") from None
-                    if tracker.ping_sent is not None:
-                        raise errors.Unavailable(f"lost contact with inferd at {self.endpoint}") from None
+                    error = tracker.timed_out(now, self.endpoint)
+                    if error is not None:
+                        raise error from None
+                    if not tracker.accepted:
+                        continue
                     await self._send(P.PING, {"id": cid})
                     tracker.ping_sent = now
                     continue
                 tracker.heard(time.monotonic())
                 if command == P.ACCEPTED:
+                    tracker.accepted = True
                     epoch = body.get("epoch")
                 elif command == P.CHUNK:
-                    last = Chunk(body.get("text", ""), body.get("index", 0), body.get("finish_reason"))
+                    gap = _gap(last.index + 1 if last else 0, body)
+                    if gap:
+                        raise gap
+                    last = Chunk(body.get("text", ""), body["index"], body.get("finish_reason"))
                     yield last
                 elif command == P.DONE:
                     finished = True
+                    gap = _gap(last.index + 1 if last else 0, body)
+                    if gap:
+                        raise gap
                     if last is None or last.finish_reason is None:
                         yield Chunk("", last.index + 1 if last else 0, body.get("finish_reason"))
                     return
                 elif command == P.ERROR:
                     finished = True
                     raise _error(body)
-                elif command == P.PONG and body.get("epoch") != epoch:
-                    finished = True
-                    raise errors.Unavailable("inferd restarted while the request was in flight; it was lost")
+                elif command == P.PONG:
+                    problem = _pong_problem(body, epoch, cid)
+                    if problem:
+                        raise problem
         finally:
             self._inbox.pop(cid, None)
             if not finished:
                 try:
-                    await self._send(P.CANCEL, {"id": cid})
+                    await self._send(P.CANCEL, {"id": cid}, zmq.NOBLOCK)
                 except Exception:
-                    pass  # the socket is closing; the broker notices the gone client
+                    pass  # no connection, or the socket is closing: nothing to cancel on

@@ -12,6 +12,7 @@ This module is pure: no sockets, no processes, no torch.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import tomllib
@@ -78,6 +79,13 @@ class BrokerConfig:
     # Replies ZeroMQ queues for one client connection before the broker deems it a slow reader.
     client_send_hwm: int = _opt(10_000, kind=int, expect="an integer between 100 and 10000000",
                                 check=lambda v: 100 <= v <= 10_000_000)
+    # CURVE for a tcp:// frontend: the server's key pair, and a directory of allowed clients' public keys.
+    curve_secret_key: str | None = _opt(None, kind=str, expect="the path of the server's .key_secret file",
+                                        check=lambda v: len(v) > 0)
+    curve_allowed_clients: str | None = _opt(None, kind=str, expect="a directory of clients' .key files",
+                                             check=lambda v: len(v) > 0)
+    # A tcp:// frontend without CURVE: refused unless this is set and the address is loopback.
+    allow_plain_tcp: bool = _opt(False, kind=bool, expect="true or false")
     # How long the final replies owed to an unreachable client connection are kept for it to come back.
     client_hold_s: float = _opt(10.0, kind=float, expect="a number of seconds between 0 and 3600",
                                 check=lambda v: 0 <= v <= 3600)
@@ -224,6 +232,7 @@ def parse(raw: dict[str, Any], path: str = "<config>") -> Config:
             raise ConfigError(f"{path}: {key}: expected a table [{key}]")
         sections[key] = _build(cls, table, key, path)
 
+    _check_frontend(sections["broker"], path)
     deployments_raw = raw.get("deployment", [])
     if not isinstance(deployments_raw, list) or not all(isinstance(d, dict) for d in deployments_raw):
         raise ConfigError(f"{path}: deployment: expected an array of tables [[deployment]]")
@@ -247,6 +256,37 @@ def parse(raw: dict[str, Any], path: str = "<config>") -> Config:
         deployments.append(dep)
 
     return Config(path=path, deployments=tuple(deployments), **sections)
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """Whether a tcp:// endpoint binds a loopback address only (127.0.0.0/8, ::1, localhost)."""
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_frontend(broker: BrokerConfig, path: str) -> None:
+    """A tcp frontend is reachable by anyone who reaches the port: it must authenticate clients."""
+    tcp = (broker.frontend or "").startswith("tcp://")
+    curve = (broker.curve_secret_key, broker.curve_allowed_clients)
+    if any(curve) and not all(curve):
+        raise ConfigError(f"{path}: broker.curve_secret_key and broker.curve_allowed_clients: expected both "
+                          f"or neither")
+    if any(curve) and not tcp:
+        raise ConfigError(f"{path}: broker.curve_secret_key: CURVE applies to a tcp:// frontend only; "
+                          f"an ipc frontend is guarded by its file permissions")
+    if broker.allow_plain_tcp and not (tcp and is_loopback_endpoint(broker.frontend)):
+        raise ConfigError(f"{path}: broker.allow_plain_tcp: expected only with a tcp:// frontend on a loopback "
+                          f"address, got frontend {broker.frontend!r}")
+    if tcp and not all(curve) and not broker.allow_plain_tcp:
+        raise ConfigError(
+            f"{path}: broker.frontend: a tcp:// frontend lets anyone who reaches {broker.frontend} submit work; "
+            f"expected CURVE (broker.curve_secret_key and broker.curve_allowed_clients; `inferctl keys generate "
+            f"DIR` writes key pairs), or a loopback address with broker.allow_plain_tcp = true")
 
 
 def _build(cls: type, table: dict[str, Any], where: str, path: str) -> Any:

@@ -7,7 +7,6 @@ says so in one line and exits 3, never with a traceback.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sys
@@ -18,9 +17,9 @@ from typing import Any
 import click
 import zmq
 
-from inferd import __version__, errors, protocol as P
+from inferd import __version__, curve, errors, protocol as P
 from inferd.client import Client
-from inferd.paths import default_runtime_dir
+from inferd.paths import daemon_alive, default_runtime_dir
 
 EXIT_ERROR = 1
 EXIT_NOT_RUNNING = 3
@@ -30,26 +29,9 @@ class CtlError(Exception):
     """A failure inferctl reports in one line and exits 1 on."""
 
 
-def _daemon_alive(runtime_dir: Path) -> bool | None:
-    """True/False from the daemon lock; None when it cannot be checked."""
-    try:
-        fd = os.open(runtime_dir / "inferd.lock", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def control_call(runtime_dir: Path, command: bytes, timeout_s: float, **fields: Any) -> dict[str, Any]:
     socket_path = runtime_dir / "control.sock"
-    if not socket_path.exists() or _daemon_alive(runtime_dir) is False:
+    if not socket_path.exists() or daemon_alive(runtime_dir) is False:
         raise errors.DaemonNotRunning(f"inferd is not running (no live daemon in {runtime_dir})")
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -74,9 +56,26 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 class Ctx:
-    def __init__(self, runtime_dir: Path, timeout_s: float):
+    def __init__(self, runtime_dir: Path, timeout_s: float, endpoint: str | None = None,
+                 server_key: str | None = None, client_key: str | None = None):
         self.runtime_dir = runtime_dir
         self.timeout_s = timeout_s
+        self.endpoint = endpoint
+        self.server_key = server_key
+        self.client_key = client_key
+
+    def client(self) -> Client:
+        """A client of the frontend: the runtime dir's, or ``--endpoint`` (with CURVE keys for tcp)."""
+        keys = None
+        if self.server_key or self.client_key:
+            if not (self.server_key and self.client_key):
+                raise CtlError("CURVE needs both --server-key and --client-key")
+            try:
+                keys = curve.ClientKeys.load(self.server_key, self.client_key)
+            except curve.CurveKeyError as exc:
+                raise CtlError(str(exc)) from None
+        return Client(self.endpoint, runtime_dir=self.runtime_dir, answer_timeout_s=self.timeout_s,
+                      curve_keys=keys)
 
     def call(self, command: bytes, **fields: Any) -> dict[str, Any]:
         return control_call(self.runtime_dir, command, self.timeout_s, **fields)
@@ -88,11 +87,19 @@ class Ctx:
                    "else $XDG_RUNTIME_DIR/inferd).")
 @click.option("--timeout", "timeout_s", type=float, default=3.0, show_default=True,
               help="Seconds to wait for the daemon to answer.")
+@click.option("--endpoint", envvar="INFERD_ENDPOINT",
+              help="The broker's frontend for generate, e.g. tcp://host:5555 (default: the runtime dir's socket).")
+@click.option("--server-key", envvar="INFERD_SERVER_KEY",
+              help="CURVE: the server's public key (a .key file, or 40 Z85 characters).")
+@click.option("--client-key", type=click.Path(dir_okay=False), envvar="INFERD_CLIENT_KEY",
+              help="CURVE: this client's .key_secret file (inferctl keys generate).")
 @click.version_option(__version__, prog_name="inferctl")
 @click.pass_context
-def cli(ctx: click.Context, runtime_dir: str | None, timeout_s: float) -> None:
+def cli(ctx: click.Context, runtime_dir: str | None, timeout_s: float, endpoint: str | None,
+        server_key: str | None, client_key: str | None) -> None:
     """Control and query a running inferd."""
-    ctx.obj = Ctx(Path(runtime_dir) if runtime_dir else default_runtime_dir(), timeout_s)
+    ctx.obj = Ctx(Path(runtime_dir) if runtime_dir else default_runtime_dir(), timeout_s, endpoint,
+                  server_key, client_key)
 
 
 @cli.command()
@@ -302,7 +309,7 @@ def generate(obj: Ctx, deployment: str, prompt: str, priority: int | None, deadl
         extra[key] = _param(value)
     if max_tokens is not None:
         extra["max_tokens"] = max_tokens
-    with Client(runtime_dir=obj.runtime_dir, answer_timeout_s=obj.timeout_s) as client:
+    with obj.client() as client:
         stream = client.generate(deployment, prompt, priority=priority, deadline_ms=deadline_ms,
                                  affinity=affinity, **extra)
         with stream:
@@ -313,6 +320,29 @@ def generate(obj: Ctx, deployment: str, prompt: str, priority: int | None, deadl
                     sys.stdout.flush()
                     first = False
         sys.stdout.write("\n")
+
+
+@cli.group()
+def keys() -> None:
+    """CURVE key pairs for a tcp:// frontend."""
+
+
+@keys.command("generate")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="inferd", show_default=True, help="The files are NAME.key and NAME.key_secret.")
+def keys_generate(directory: str, name: str) -> None:
+    """Write a key pair into DIRECTORY: NAME.key (public) and NAME.key_secret (0600).
+
+    For the server, point broker.curve_secret_key at its .key_secret and give
+    clients its .key. For a client, copy its .key into the server's
+    broker.curve_allowed_clients directory and use its .key_secret with
+    --client-key.
+    """
+    try:
+        public, secret = curve.generate(directory, name)
+    except (curve.CurveKeyError, OSError) as exc:
+        raise CtlError(str(exc)) from None
+    click.echo(f"public key {public}\nsecret key {secret} (keep it private; mode 600)")
 
 
 def main() -> None:

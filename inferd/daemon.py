@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from inferd import __version__, exitcodes, runtimes
+from inferd import __version__, curve, exitcodes, runtimes
 from inferd.config import Config, ConfigError, load
 from inferd.devices import DeviceSource, discover
 from inferd.paths import Endpoints, RuntimeDirBusy, RuntimeDirError, default_runtime_dir, lock, prepare
@@ -73,6 +73,13 @@ def main(config_path: str, runtime_dir: str | None, log_level: str | None, check
     except ConfigError as exc:
         click.echo(f"inferd: bad config: {exc}", err=True)
         sys.exit(exitcodes.CONFIG)
+    if config.broker.curve_secret_key:
+        try:
+            curve.load_secret(config.broker.curve_secret_key)
+            curve.allowed_clients(config.broker.curve_allowed_clients)
+        except curve.CurveKeyError as exc:
+            click.echo(f"inferd: bad config: {config_path}: broker: {exc}", err=True)
+            sys.exit(exitcodes.CONFIG)
     setup_logging("supervisor", log_level or config.daemon.log_level)
     log = logging.getLogger("inferd")
     try:

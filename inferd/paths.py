@@ -6,8 +6,10 @@ The supervisor therefore holds an exclusive ``flock`` on ``inferd.lock`` for
 its whole life; a second daemon fails to take it and refuses to start. The
 lock dies with the process, so a crashed daemon never blocks its successor.
 
-The directory is created 0700 and every socket is bound under umask 077, so no
-socket file is ever reachable by other users.
+The directory is created 0700 and every socket is bound under umask 177 (files
+0600), so no socket file is ever reachable by other users. A clean exit
+removes the socket files; a killed daemon leaves them, and clients tell that
+from a live daemon by the lock (:func:`daemon_alive`), not by the files.
 """
 
 from __future__ import annotations
@@ -98,10 +100,40 @@ def lock(runtime_dir: Path) -> int:
     return fd
 
 
+def daemon_alive(runtime_dir: Path) -> bool | None:
+    """Whether a daemon holds ``runtime_dir``'s lock: True/False, or None when it cannot be checked.
+
+    Socket files outlive a daemon that was killed, and connecting to one that
+    nobody listens on makes ZeroMQ retry silently for ever; the lock cannot lie.
+    """
+    try:
+        fd = os.open(runtime_dir / "inferd.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_sockets(endpoints: Endpoints) -> None:
+    """Remove the ipc socket files of a daemon that has stopped, so none is left to mislead a client."""
+    for path in endpoints.ipc_paths():
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 @contextmanager
 def private_umask() -> Iterator[None]:
-    """Bind sockets inside this block so their files are created 0600 at most."""
-    old = os.umask(0o077)
+    """Bind sockets inside this block so their files are created 0600 (ZeroMQ creates them 0777 & ~umask)."""
+    old = os.umask(0o177)
     try:
         yield
     finally:

@@ -276,7 +276,7 @@ def chunk_problem(entry: Any) -> str | None:
         return f"a chunk must be [rid, text] or [rid, text, finish_reason], got {short(entry)}"
     if type(entry[1]) is not str:
         return f"a chunk's text must be a string, got {type(entry[1]).__name__}"
-    if len(entry) == 3 and entry[2] not in FINISH_REASONS:
+    if len(entry) == 3 and (type(entry[2]) is not str or entry[2] not in FINISH_REASONS):
         return f"a chunk's finish_reason must be one of {', '.join(sorted(FINISH_REASONS))}, got {short(entry[2])}"
     return None
 

@@ -15,7 +15,11 @@ Shutdown:
   SHUTTING_DOWN, and has ``drain_grace_s`` to finish what is in flight. Then
   the children get SIGTERM, then SIGKILL after ``stop_timeout_s``. Exit 0.
 * SIGINT stops fast: the same with no grace.
-* A second SIGTERM or SIGINT during a shutdown kills the children at once.
+* A second SIGTERM or SIGINT during a shutdown stops at once: the broker
+  answers what is in flight with SHUTTING_DOWN, the workers are killed, and
+  the supervisor exits within about a second.
+
+On exit the ipc socket files are removed, so none misleads a client.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from inferd import __version__, exitcodes, protocol as P
 from inferd.config import Config
 from inferd.devices import DeviceSource, DeviceStats, cuda_visible_devices
 from inferd.failures import Failure, describe_exit, from_exit_status
-from inferd.paths import Endpoints, private_umask
+from inferd.paths import Endpoints, private_umask, remove_sockets
 from inferd.placement import DeviceKey, PlacementError, Planner, WorkerPlan, on_node
 from inferd.proc import PARENT_ENV, SPEC_ENV
 from inferd.restart import FAIL, RESTART_AFTER, SHUTDOWN, SupervisionPolicy
@@ -51,6 +55,8 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 # How long the broker may take to confirm a drain beyond the grace period
 # before the supervisor stops waiting for it.
 DRAIN_SLACK_S = 5.0
+# After a second SIGTERM or SIGINT, how long children may take to exit before SIGKILL.
+FAST_STOP_S = 1.0
 
 
 @dataclass(eq=False)
@@ -160,6 +166,7 @@ class Supervisor:
         log.info("inferd stopped (exit status %d)", self.exit_status)
         self.link.close(0)
         self.ctx.term()
+        remove_sockets(self.endpoints)
         return self.exit_status
 
     def _next_timer(self) -> float:
@@ -180,8 +187,8 @@ class Supervisor:
             if sig == signal.SIGHUP:
                 log.info("SIGHUP: configuration reload is not supported yet; ignored")
             elif self.phase != "running":
-                log.warning("%s during shutdown: killing children now", signal.Signals(sig).name)
-                self._stop_children(signal.SIGKILL)
+                log.warning("%s during shutdown: stopping now", signal.Signals(sig).name)
+                self._stop_now()
             else:
                 grace = self.config.daemon.drain_grace_s if sig == signal.SIGTERM else 0.0
                 log.info("%s: draining (grace %.1f s)", signal.Signals(sig).name, grace)
@@ -205,6 +212,21 @@ class Supervisor:
         for child in self._children():
             child.restart_at = None
         self._stop_children(signal.SIGTERM)
+
+    def _stop_now(self) -> None:
+        """A second signal: no more grace. The broker answers what is in flight with SHUTTING_DOWN
+        (the DRAIN reaches it before any WORKER_EXITED, and its own SIGTERM path does the same),
+        the workers are killed, and whatever still lives after FAST_STOP_S is killed too."""
+        self._to_broker(P.DRAIN, {"grace_s": 0.0})
+        self.phase = "stopping"
+        self.phase_deadline = time.monotonic() + FAST_STOP_S
+        for child in self._children():
+            child.restart_at = None
+            if child.proc is not None:
+                try:
+                    child.proc.send_signal(signal.SIGTERM if child is self.broker else signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def _stop_children(self, sig: int) -> None:
         for child in self._alive():

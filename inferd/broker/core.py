@@ -184,7 +184,9 @@ class BrokerCore:
             else:
                 P.check_fields(body, P.PING_FIELDS, "PING")
                 self._to_client(client, P.PONG, {
-                    "id": body.get("id"), "epoch": self.epoch, "version": __version__})
+                    "id": body.get("id"), "epoch": self.epoch, "version": __version__,
+                    "max_message_bytes": self.config.broker.max_message_bytes,
+                    "in_flight": [cid for (c, cid) in self.by_client if c == client]})
         except P.ProtocolError as exc:
             self._reject(client, exc.request_id, ErrorCode.BAD_REQUEST, exc.reason)
 
@@ -213,7 +215,7 @@ class BrokerCore:
         if self.draining:
             return self._reject(client, cid, ErrorCode.SHUTTING_DOWN, "inferd is shutting down")
         held = self.held.get(client)
-        if held is not None:
+        if held is not None and held.cut:
             code = ErrorCode.SLOW_READER if held.reason == FULL else ErrorCode.CONNECTION_RESET
             return self._reject(client, cid, code, "this connection must first read the "
                                 f"{len(held.replies)} final replies it is owed")
@@ -310,36 +312,43 @@ class BrokerCore:
             if not status:
                 return
             held = self._hold(client, status)
-        held.keep(command, body, owed)
+        if held.keep(command, body, owed):
+            self._to_cut.append(client)
+            self._peer_log.warning("client %s reads too slowly: ending its requests and holding their finals",
+                                   client.hex()[:32])
 
     def _hold(self, client: bytes, reason: int) -> HeldClient:
-        now = self.clock()
-        held = HeldClient(reason, now, math.inf)
-        held.set_reason(reason, now, self._hold_s)
+        held = HeldClient(reason, self.config.broker.client_send_hwm, self._cut_error)
+        held.set_reason(reason, self.clock(), self._hold_s)
         self.held[client] = held
-        self._to_cut.append(client)
-        self._peer_log.warning("client %s %s; ending its requests and holding their final replies",
-                               client.hex()[:16], "reads too slowly" if reason == FULL else "is unreachable")
+        if reason == GONE:
+            self._cut_now(client, held)
         return held
 
-    def _cut_error(self, req: Request, reason: int) -> dict[str, Any]:
+    def _cut_now(self, client: bytes, held: HeldClient) -> None:
+        held.start_cut()
+        self._to_cut.append(client)
+        self._peer_log.warning("client %s is unreachable: ending its requests and holding their finals",
+                               client.hex()[:32])
+
+    def _cut_error(self, cid: Any, reason: int) -> dict[str, Any]:
         if reason == FULL:
-            return P.error_body(req.cid, ErrorCode.SLOW_READER,
-                                f"this connection read too slowly: {self.config.broker.client_send_hwm} replies "
+            return P.error_body(cid, ErrorCode.SLOW_READER,
+                                f"this connection read too slowly: {2 * self.config.broker.client_send_hwm} replies "
                                 f"waited for it, so its requests were stopped")
-        return P.error_body(req.cid, ErrorCode.CONNECTION_RESET,
+        return P.error_body(cid, ErrorCode.CONNECTION_RESET,
                             "this connection was reset while the request was in flight (a message over "
                             "max_message_bytes does that); output was lost")
 
     def _cut(self) -> None:
-        """End every request of the connections held since the last call, one final each."""
+        """End every request of the connections cut since the last call, one final each."""
         while self._to_cut:
             client = self._to_cut.pop()
             held = self.held.get(client)
             if held is None:
                 continue
             for req in [r for (c, _), r in self.by_client.items() if c == client and not r.done]:
-                self._finish(req, P.ERROR, self._cut_error(req, held.reason), "cancelled")
+                self._finish(req, P.ERROR, self._cut_error(req.cid, held.reason), "cancelled")
 
     def _flush(self, client: bytes, now: float) -> None:
         """Write what a held connection is owed, in order, as far as it will take it."""
@@ -353,13 +362,16 @@ class BrokerCore:
             held.sent_first()
         if not held.replies:
             del self.held[client]
-            log.info("client %s took the replies it was owed (%d chunk(s) were dropped)",
-                     client.hex()[:16], held.dropped_chunks)
+            if held.cut:
+                log.info("client %s took the replies it was owed (%d chunk(s) were dropped)",
+                         client.hex()[:32], held.dropped_chunks)
         elif status == GONE and now >= held.expires:
             del self.held[client]
             self._peer_log.warning("client %s did not come back within %g s; %d owed repl(ies) dropped",
-                                   client.hex()[:16], self._hold_s, len(held.replies))
+                                   client.hex()[:32], self._hold_s, len(held.replies))
         else:
+            if status == GONE and not held.cut:  # what was sent to it meanwhile is lost
+                self._cut_now(client, held)
             held.set_reason(status, now, self._hold_s)
 
     # --- workers ---------------------------------------------------------------------------
@@ -587,9 +599,9 @@ class BrokerCore:
         if req.done:
             raise AssertionError(f"request {req.rid} would get a second final reply")
         req.done = True
-        if command == P.DONE and req.client in self.held:
+        if command == P.DONE and req.client in self.held and self.held[req.client].cut:
             # Chunks of it may have been dropped since its connection was held: it did not succeed.
-            command, body, counter = P.ERROR, self._cut_error(req, self.held[req.client].reason), "cancelled"
+            command, body, counter = P.ERROR, self._cut_error(req.cid, self.held[req.client].reason), "cancelled"
         self._to_client(req.client, command, body, owed=True)
         m = req.deployment.metrics
         if command == P.DONE:
@@ -649,11 +661,15 @@ class BrokerCore:
                 "workers": {wid: w.outstanding for wid, w in self.workers.items()},
                 "queued": {name: len(dep.queue) for name, dep in self.deployments.items()}})
         if self.draining and now >= self._drain_deadline:
-            self._drain_deadline = math.inf
-            for req in [r for r in self.requests.values() if not r.done]:
-                self._finish(req, P.ERROR, P.error_body(
-                    req.cid, ErrorCode.SHUTTING_DOWN, "inferd shut down before the request finished"), "failed")
-            self._maybe_drained()
+            self._end_drain()
+
+    def _end_drain(self) -> None:
+        """The drain's grace is over: whatever still runs ends with SHUTTING_DOWN."""
+        self._drain_deadline = math.inf
+        for req in [r for r in self.requests.values() if not r.done]:
+            self._finish(req, P.ERROR, P.error_body(
+                req.cid, ErrorCode.SHUTTING_DOWN, "inferd shut down before the request finished"), "failed")
+        self._maybe_drained()
 
     def _unresponsive(self, worker: WorkerRecord, why: str) -> None:
         """A silent or hung worker: give up on it here, and have the supervisor kill the process.
@@ -756,7 +772,11 @@ class BrokerCore:
                 self._finish(req, P.ERROR, P.error_body(
                     req.cid, ErrorCode.SHUTTING_DOWN, "inferd is shutting down; the request was not started"),
                     "failed")
-        self._maybe_drained()
+        if grace_s <= 0:
+            # No grace (a fast stop): answer now, before the workers' exits can be reported as losses.
+            self._end_drain()
+        else:
+            self._maybe_drained()
 
     def _maybe_drained(self) -> None:
         if not self._drained_sent and not any(not r.done for r in self.requests.values()):

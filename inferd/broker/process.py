@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import zmq
 
-from inferd import protocol as P, zmqio
+from inferd import curve, protocol as P, zmqio
 from inferd.broker.core import BrokerCore
 from inferd.broker.delivery import FULL, GONE, SENT
 from inferd.config import Config
@@ -83,6 +83,10 @@ class Broker:
         self.backend = self._socket(zmq.ROUTER, max_bytes, router_mandatory=1, router_handover=1)
         self.control = self._socket(zmq.ROUTER, max_bytes)
         self.link = self._socket(zmq.DEALER, max_bytes)
+        self.auth = None
+        if config.broker.curve_secret_key:
+            self.auth = curve.serve(self.ctx, self.frontend, config.broker.curve_secret_key,
+                                    config.broker.curve_allowed_clients)
         with private_umask():
             self.frontend.bind(endpoints.frontend)
             self.backend.bind(endpoints.backend)
@@ -198,6 +202,8 @@ class Broker:
     def close(self) -> None:
         for sock in (self.frontend, self.backend, self.control, self.link):
             sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
 

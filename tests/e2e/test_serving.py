@@ -201,7 +201,7 @@ def test_config_frontend_on_tcp(make_daemon):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    daemon = make_daemon(echo_config(broker=f'frontend = "tcp://127.0.0.1:{port}"\n'))
+    daemon = make_daemon(echo_config(broker=f'frontend = "tcp://127.0.0.1:{port}"\nallow_plain_tcp = true\n'))
     from inferd.client import Client
 
     with Client(f"tcp://127.0.0.1:{port}") as client:

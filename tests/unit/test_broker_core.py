@@ -204,9 +204,17 @@ def test_queue_time_is_measured_until_dispatch():
 def test_ping_answered_with_pong():
     h = Harness()
     h.client(b"c9", P.PING, {"id": 7})
-    assert h.take() == [("client", b"c9", P.PONG, {"id": 7, "epoch": h.core.epoch, "version": __version__})]
+    pong = {"epoch": h.core.epoch, "version": __version__, "max_message_bytes": 1 << 20, "in_flight": []}
+    assert h.take() == [("client", b"c9", P.PONG, {"id": 7, **pong})]
     h.client(b"c9", P.PING, {})
-    assert h.take() == [("client", b"c9", P.PONG, {"id": None, "epoch": h.core.epoch, "version": __version__})]
+    assert h.take() == [("client", b"c9", P.PONG, {"id": None, **pong})]
+    h.ready("echo-0", credits=1)
+    h.submit("A", client=b"c9")
+    h.submit("B", client=b"c9")
+    h.submit("C", client=b"other")
+    h.take()
+    h.client(b"c9", P.PING, {"id": 8})   # the ids this connection has in flight: how a client learns
+    assert h.take()[-1][3]["in_flight"] == ["A", "B"]  # that a final reply was lost
 
 
 def test_request_ids_are_scoped_per_client():
@@ -1202,52 +1210,75 @@ def test_a_gone_client_that_does_not_come_back_is_forgotten_after_client_hold_s(
     assert h.to_clients(h.rec.log) == [(b"gone", P.ACCEPTED, {"id": "A", "epoch": h.core.epoch, "join": " "})]
 
 
+def test_a_client_that_is_full_for_a_moment_gets_everything_in_order():
+    h = Harness(broker={"client_send_hwm": 100}, max_concurrency=4)
+    h.ready("echo-0", credits=4)
+    h.submit("A", client=b"busy")
+    h.submit("B", client=b"busy")
+    (_, rid_a, _), (_, rid_b, _) = h.requests_sent(h.take())
+    h.rec.blocked[b"busy"] = FULL      # ZeroMQ's queue for it is at client_send_hwm, for now
+    h.chunk("echo-0", rid_a, "a0")
+    h.done("echo-0", rid_b)
+    h.submit("C", client=b"busy")      # still accepted: the connection is only backlogged
+    h.advance(0.0)
+    assert h.to_clients(h.take()) == []
+    del h.rec.blocked[b"busy"]
+    h.advance(0.01)
+    got = [(cmd, b["id"]) for _, cmd, b in h.to_clients(h.take())]
+    assert got == [(P.CHUNK, "A"), (P.DONE, "B"), (P.ACCEPTED, "C")]
+    assert h.core.held == {} and h.metrics()["cancelled"] == 0
+
+
 def test_a_slow_reader_gets_one_final_per_accepted_request_once_it_reads_again():
-    h = Harness(max_concurrency=4)
+    h = Harness(broker={"client_send_hwm": 100}, max_concurrency=4)
     h.ready("echo-0", credits=4)
     h.submit("A", client=b"slow")
     h.submit("B", client=b"slow")
     h.submit("X", client=b"other")
     (_, rid_a, _), (_, rid_b, _), (_, rid_x, _) = h.requests_sent(h.take())
-    h.rec.blocked[b"slow"] = FULL      # ZeroMQ holds client_send_hwm messages for it already
-    h.chunk("echo-0", rid_a, "a1")
-    h.done("echo-0", rid_b)            # B's DONE comes before the cut: B lost no chunk, but the
-    h.chunk("echo-0", rid_x, "x1")     # connection is held, so B may not claim success
+    h.rec.blocked[b"slow"] = FULL
+    h.chunk("echo-0", rid_b, "b0")
+    h.done("echo-0", rid_b)            # B's DONE waits behind B's chunk in the backlog
+    for i in range(100):               # ... until the backlog passes client_send_hwm: a slow reader
+        h.chunk("echo-0", rid_a, f"a{i}")
+    h.chunk("echo-0", rid_x, "x1")
     h.advance(0.0)
     msgs = h.take()
     assert h.to_clients(msgs) == [(b"other", P.CHUNK, {"id": "X", "index": 0, "text": "x1"})]
     assert ("worker", "echo-0", P.CANCEL, {"rid": rid_a}) in msgs
-    # While held it is refused new work, and a PING is answered later, in order.
+    # While cut it is refused new work, and a PING is answered later, in order.
     h.submit("C", client=b"slow")
     h.client(b"slow", P.PING, {"id": "p"})
     assert h.to_clients(h.take()) == []
     h.advance(1.0)
-    assert b"slow" in h.core.held      # still not reading: nothing is dropped
+    assert b"slow" in h.core.held      # still not reading: nothing owed is dropped
     del h.rec.blocked[b"slow"]
     h.advance(0.05)
     got = [(cmd, b.get("id"), b.get("code")) for _, cmd, b in h.to_clients(h.take())]
-    assert got[:2] == [(P.ERROR, "B", "SLOW_READER"), (P.ERROR, "A", "SLOW_READER")] or \
-        got[:2] == [(P.ERROR, "A", "SLOW_READER"), (P.ERROR, "B", "SLOW_READER")]
-    assert got[2:] == [(P.ERROR, "C", "SLOW_READER"), (P.PONG, "p", None)]
+    # B's chunk was dropped, so its DONE became the cut's error; no chunk is delivered at all.
+    assert got == [(P.ERROR, "B", "SLOW_READER"), (P.ERROR, "A", "SLOW_READER"),
+                   (P.ERROR, "C", "SLOW_READER"), (P.PONG, "p", None)]
     h.submit("D", client=b"slow")
     assert h.to_clients(h.take())[0][1] == P.ACCEPTED
 
 
 def test_a_slow_readers_accepted_is_held_with_its_final_and_other_replies_are_bounded():
     from inferd.broker.delivery import MAX_OTHERS
-    h = Harness()
+    h = Harness(broker={"client_send_hwm": 100})
     h.ready("echo-0", credits=2)
     h.take()
     h.rec.blocked[b"slow"] = FULL
-    h.submit("A", client=b"slow")      # its ACCEPTED is the message that does not fit
-    h.advance(0.0)
-    for i in range(MAX_OTHERS + 50):
+    h.submit("A", client=b"slow")      # its ACCEPTED is the first message that does not fit
+    for i in range(100 + MAX_OTHERS + 50):
         h.client(b"slow", P.PING, {"id": i})
-    assert h.core.held[b"slow"].dropped_others == 50
+    h.advance(0.0)
+    assert h.core.held[b"slow"].cut
     del h.rec.blocked[b"slow"]
     h.advance(0.05)
     got = [(cmd, b.get("id")) for _, cmd, b in h.to_clients(h.take())]
-    assert got[:2] == [(P.ACCEPTED, "A"), (P.ERROR, "A")]
+    assert got[0] == (P.ACCEPTED, "A") and (P.ERROR, "A") in got
+    pongs = [i for cmd, i in got if cmd == P.PONG]
+    assert pongs == list(range(MAX_OTHERS))  # in order; the ones past MAX_OTHERS were dropped, and counted
     assert len(got) == 2 + MAX_OTHERS
 
 
@@ -1830,3 +1861,14 @@ def test_the_supervisors_malformed_worker_exited_is_logged_not_raised():
                  {"worker": "echo-0"}):
         h.core.on_supervisor([P.SUPERVISOR, P.WORKER_EXITED, P.pack(body)])
     assert "echo-0" in h.core.workers
+
+
+@pytest.mark.parametrize("reason", [{"a": 1}, ["stop"], 3, None])
+def test_a_chunk_whose_finish_reason_is_not_a_string_ends_its_request(reason):
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.submit("A")
+    rid = only(h.requests_sent(h.take()))[1]
+    h.worker("echo-0", P.CHUNKS, chunks=[[rid, "x", reason]])
+    (_, cmd, body), = h.to_clients(h.take())
+    assert (cmd, body["code"]) == (P.ERROR, "INTERNAL")

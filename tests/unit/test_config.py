@@ -97,7 +97,7 @@ def test_explicit_values_are_kept():
         "daemon": {"runtime_dir": "/run/x", "log_level": "debug", "drain_grace_s": 0.0,
                    "stop_timeout_s": 2.5, "restart_backoff_min_ms": 0},
         "broker": {"heartbeat_interval_ms": 50, "heartbeat_liveness": 2, "max_message_bytes": 1024,
-                   "frontend": "tcp://127.0.0.1:5555"},
+                   "frontend": "tcp://127.0.0.1:5555", "allow_plain_tcp": True},
         "devices": {"cpu_devices": 4},
         "deployment": [
             {"name": "a", "runtime": "echo", "replicas": 3, "queue_capacity": 1, "priority_levels": 1,
@@ -347,3 +347,31 @@ def test_to_dict_from_dict_round_trip():
 def test_shipped_config_round_trips():
     cfg = load(SHIPPED)
     assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+# --- a tcp frontend must authenticate its clients -------------------------------------------------
+
+
+@pytest.mark.parametrize("broker,expect", [
+    ({"frontend": "tcp://0.0.0.0:5555"}, "expected CURVE"),
+    ({"frontend": "tcp://127.0.0.1:5555"}, "expected CURVE"),          # loopback, but not said
+    ({"frontend": "tcp://10.0.0.5:5555", "allow_plain_tcp": True}, "loopback"),
+    ({"frontend": "ipc:///tmp/x.sock", "allow_plain_tcp": True}, "loopback"),
+    ({"frontend": "tcp://0.0.0.0:5555", "curve_secret_key": "/k/server.key_secret"}, "both or neither"),
+    ({"curve_secret_key": "/k/s.key_secret", "curve_allowed_clients": "/k/clients"}, "tcp:// frontend only"),
+])
+def test_an_unauthenticated_tcp_frontend_is_refused(broker, expect):
+    with pytest.raises(ConfigError, match=expect):
+        parse({"broker": broker, "deployment": [{"name": "e", "runtime": "echo"}]}, "f.toml")
+
+
+@pytest.mark.parametrize("broker", [
+    {"frontend": "tcp://127.0.0.1:5555", "allow_plain_tcp": True},
+    {"frontend": "tcp://127.0.0.9:5555", "allow_plain_tcp": True},
+    {"frontend": "tcp://[::1]:5555", "allow_plain_tcp": True},
+    {"frontend": "tcp://localhost:5555", "allow_plain_tcp": True},
+    {"frontend": "tcp://0.0.0.0:5555", "curve_secret_key": "/k/s.key_secret", "curve_allowed_clients": "/k/c"},
+])
+def test_curve_or_an_explicit_loopback_tcp_frontend_is_accepted(broker):
+    cfg = parse({"broker": broker, "deployment": [{"name": "e", "runtime": "echo"}]}, "f.toml")
+    assert cfg.broker.frontend == broker["frontend"]
