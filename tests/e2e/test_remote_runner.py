@@ -12,7 +12,7 @@ import pytest
 
 from inferd.errors import ErrorCode
 from inferd.runtimes.base import Output, RequestRejected, RunRequest
-from inferd.runtimes.remote.runner import RemoteRunner
+from inferd.runtimes.remote.runner import REPORT_INTERVAL_S, RemoteRunner
 from tests.daemon import wait_for
 from tests.fake_upstream import FakeUpstream
 
@@ -60,7 +60,10 @@ class Harness:
         return self.final(rid), self.text(rid)
 
     def report(self) -> dict:
-        self.pump(0.3)
+        """The load report once the runner has refreshed it (every REPORT_INTERVAL_S) since now."""
+        settled = time.monotonic() + 2.5 * REPORT_INTERVAL_S
+        while time.monotonic() < settled:
+            self.pump(0.05)
         return self.runner.load_report()
 
 
