@@ -334,13 +334,24 @@ def test_outage_degrades_then_a_probe_recovers_without_traffic(upstream, make_ha
     assert text == PROMPT
 
 
-def test_missing_key_variable_fails_the_load_for_good(upstream, monkeypatch):
+@pytest.mark.parametrize("value, problem", [(None, "is not set or empty"), ("  \n", "is not set or empty"),
+                                            ("sk-a\x00b", "control characters"), ("sk-a b", "spaces")])
+def test_a_missing_or_unusable_key_fails_the_load_for_good(upstream, monkeypatch, value, problem):
     from inferd.failures import Failure, UnrecoverableError, classify
-    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
-    runner = RemoteRunner({"base_url": upstream.base_url, "model": "m", "api_key_env": "NO_SUCH_KEY"}, (), 1)
-    with pytest.raises(UnrecoverableError, match="NO_SUCH_KEY") as info:
+    monkeypatch.delenv("THE_KEY", raising=False)
+    if value is not None:
+        monkeypatch.setenv("THE_KEY", value)
+    runner = RemoteRunner({"base_url": upstream.base_url, "model": "m", "api_key_env": "THE_KEY"}, (), 1)
+    with pytest.raises(UnrecoverableError, match=problem) as info:
         runner.load()
-    assert classify(info.value) is Failure.UNRECOVERABLE
+    assert classify(info.value) is Failure.UNRECOVERABLE and "sk-a" not in str(info.value)
+
+
+def test_a_key_with_a_trailing_newline_is_sent_without_it(upstream, make_harness, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", KEY + "\n")
+    h = make_harness(upstream)
+    assert h.run(PROMPT)[1] == PROMPT
+    assert upstream.completion_calls()[0].headers["Authorization"] == f"Bearer {KEY}"
 
 
 def test_time_to_first_token_and_inter_token_latency_pass_through(make_harness):

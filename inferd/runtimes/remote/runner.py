@@ -39,10 +39,15 @@ class RemoteRunner(ModelRunner):
         self.settings = Settings.from_options(self.options)
         api_key = None
         if self.settings.api_key_env:
-            api_key = os.environ.get(self.settings.api_key_env)
-            if not api_key:  # the same after every restart: do not loop
+            # Surrounding whitespace is a newline from `$(cat keyfile)`, never part of a key.
+            api_key = os.environ.get(self.settings.api_key_env, "").strip()
+            # Both would fail the same way after every restart: do not loop.
+            if not api_key:
                 raise UnrecoverableError(f"the environment variable {self.settings.api_key_env} (api_key_env) "
                                          "is not set or empty")
+            if not api_key.isprintable() or " " in api_key:
+                raise UnrecoverableError(f"the key in {self.settings.api_key_env} (api_key_env) contains spaces or "
+                                         "control characters; it cannot go in a header")
         self._outputs: collections.deque[Output] = collections.deque()
         self._poked = False
         self._last_wake = 0.0
