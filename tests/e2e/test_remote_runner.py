@@ -335,7 +335,7 @@ def test_outage_degrades_then_a_probe_recovers_without_traffic(upstream, make_ha
 
 
 @pytest.mark.parametrize("value, problem", [(None, "is not set or empty"), ("  \n", "is not set or empty"),
-                                            ("sk-a\x00b", "control characters"), ("sk-a b", "spaces")])
+                                            ("sk-a\x07b", "control characters"), ("sk-a b", "spaces")])
 def test_a_missing_or_unusable_key_fails_the_load_for_good(upstream, monkeypatch, value, problem):
     from inferd.failures import Failure, UnrecoverableError, classify
     monkeypatch.delenv("THE_KEY", raising=False)
