@@ -649,7 +649,9 @@ class BrokerCore:
             for worker in list(self.workers.values()):
                 if now - worker.last_seen > self._hb_expiry:
                     self._unresponsive(worker, f"no message for {now - worker.last_seen:.1f} s")
-                elif (worker.requests and worker.state != "rebuilding"  # a rebuild is not a hang
+                # A rebuild is not a hang; nor is a remote worker waiting on its provider (bounded by
+                # read_timeout_ms and deadlines; its runner watches its own event loop).
+                elif (worker.requests and worker.state != "rebuilding" and worker.deployment.spec.transport == "local"
                       and now - worker.last_progress > worker.deployment.config.watchdog_s):
                     self._unresponsive(worker, f"hung: no progress for {now - worker.last_progress:.1f} s "
                                                f"with {worker.outstanding} request(s) in flight")

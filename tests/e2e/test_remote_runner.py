@@ -371,3 +371,18 @@ def test_time_to_first_token_and_inter_token_latency_pass_through(make_harness):
         assert h.report()["upstream"]["first_token_ms"]["p50"] >= 300
     finally:
         paced.stop()
+
+
+def test_a_wedged_event_loop_fails_the_step_so_the_worker_is_restarted(upstream, make_harness, monkeypatch):
+    from inferd.failures import Failure, classify
+    from inferd.runtimes.remote import runner as runner_module
+    monkeypatch.setattr(runner_module, "LOOP_STALL_S", 0.5)
+    h = make_harness(upstream)
+    assert h.run(PROMPT)[1] == PROMPT
+    h.submit(PROMPT)                                        # a stream is open ...
+    h.runner._loop.call_soon_threadsafe(time.sleep, 1.5)   # ... and the loop is stuck in a call
+    time.sleep(1.0)
+    assert h.runner.next_step_in() is not None              # an idle engine still steps, and so checks
+    with pytest.raises(RuntimeError, match="event loop has not run") as info:
+        h.runner.step()
+    assert classify(info.value) is Failure.UNKNOWN       # Escalate: a new process

@@ -48,3 +48,17 @@ def test_an_upstream_error_reaches_the_client_with_its_details():
     assert command == P.ERROR
     assert (body["code"], body["details"]) == ("UPSTREAM_ERROR", details)
     assert h.metrics()["failed"] == 1
+
+
+def test_the_watchdog_leaves_a_remote_worker_waiting_on_its_provider_alone():
+    slow = {"broker": {"heartbeat_interval_ms": 1000, "heartbeat_liveness": 100}, "watchdog_s": 5.0}
+    for runtime, options, hung in (("echo", {}, True),
+                                   ("remote", {"base_url": "http://up/v1", "model": "m"}, False)):
+        h = Harness(runtime=runtime, options=options, **slow)
+        h.ready("echo-0")
+        h.submit(1)
+        for _ in range(10):                      # 10 s of heartbeats and no output at all
+            h.advance(1.0)
+            h.heartbeat("echo-0")
+        unresponsive = [m for m in h.take() if m[2] == P.UNRESPONSIVE]
+        assert bool(unresponsive) is hung, runtime

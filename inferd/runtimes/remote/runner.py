@@ -11,6 +11,9 @@ Cancel cancels the request's task, which closes its HTTP connection at once.
 Nothing an upstream does raises out of :meth:`step`: an outage fails
 requests with typed errors and shows in the load report as a degraded
 upstream; it never ends the worker, so it never spends the restart budget.
+Waiting on a slow provider is not a hang either (the broker's watchdog leaves
+remote workers alone); what is, a wedged event loop, :meth:`step` reports by
+raising, and the worker is restarted.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import collections
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from inferd.errors import ErrorCode
@@ -31,6 +35,8 @@ from inferd.runtimes.remote.settings import Settings
 log = logging.getLogger("inferd.remote")
 
 REPORT_INTERVAL_S = 0.25
+LOOP_CHECK_S = 1.0        # how often the engine looks at the loop while streams are open
+LOOP_STALL_S = 30.0       # a loop silent this long is wedged (a bug): the worker exits and is restarted
 WAKE_INTERVAL_S = 0.001
 
 
@@ -54,6 +60,7 @@ class RemoteRunner(ModelRunner):
         self._tasks: dict[int, asyncio.Task] = {}
         self._report: dict[str, Any] = {}
         self._report_changed = False
+        self._loop_seen = self._next_check = time.monotonic()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="inferd-remote", daemon=True)
         self._thread.start()
@@ -70,6 +77,8 @@ class RemoteRunner(ModelRunner):
 
     async def _open(self, api_key: str | None) -> UpstreamClient:
         client = UpstreamClient(self.settings, api_key, self.capacity, self._emit)
+        self._probing: asyncio.Future = self._loop.create_future()
+        self._probing.set_result(None)
         self._housekeeping = asyncio.create_task(self._housekeep(client))
         return client
 
@@ -83,6 +92,11 @@ class RemoteRunner(ModelRunner):
         self._loop.call_soon_threadsafe(self._cancel, rid)
 
     def step(self) -> list[Output]:
+        now = time.monotonic()
+        self._next_check = now + LOOP_CHECK_S
+        stalled = now - self._loop_seen
+        if stalled > LOOP_STALL_S:  # a wedged loop streams nothing ever again: a new process will
+            raise RuntimeError(f"the remote runtime's event loop has not run for {stalled:.0f} s")
         self._poked = False  # before draining: an output added after the drain pokes again
         outputs = []
         while self._outputs:
@@ -91,7 +105,10 @@ class RemoteRunner(ModelRunner):
         return outputs
 
     def next_step_in(self) -> float | None:
-        return 0.0 if self._outputs or self._report_changed else None
+        if self._outputs or self._report_changed:
+            return 0.0
+        # While streams are open, step now and then even if nothing arrives: step() checks the loop.
+        return max(0.0, self._next_check - time.monotonic()) if self._tasks else None
 
     def load_report(self) -> dict[str, Any]:
         return self._report
@@ -151,13 +168,10 @@ class RemoteRunner(ModelRunner):
         health = "ok"
         next_probe = 0.0
         while True:
-            now = self._loop.time()
-            if now >= next_probe:
+            now = self._loop_seen = self._loop.time()
+            if now >= next_probe and self._probing.done():  # in a task: a slow probe must not stall this loop
                 next_probe = now + self.settings.probe_interval_s
-                try:
-                    await client.probe()
-                except Exception:
-                    log.exception("probing the upstreams failed")
+                self._probing = asyncio.create_task(self._probe(client))
             state, problem = client.upstreams.health()
             if state != health:
                 if state == "ok":
@@ -173,9 +187,17 @@ class RemoteRunner(ModelRunner):
                 self.wake()
             await asyncio.sleep(REPORT_INTERVAL_S)
 
+    @staticmethod
+    async def _probe(client: UpstreamClient) -> None:
+        try:
+            await client.probe()
+        except Exception:
+            log.exception("probing the upstreams failed")
+
     async def _shutdown(self) -> None:
         self._housekeeping.cancel()
+        self._probing.cancel()
         for task in list(self._tasks.values()):
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), self._housekeeping, return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), self._housekeeping, self._probing, return_exceptions=True)
         await self.client.close()
