@@ -52,7 +52,8 @@ class Call:
 #   split         {"piece": 3}: write every event in pieces of that many bytes, a few ms apart
 #   invalid_json  {"after": 1}: an event whose data is not JSON, after that many content events
 #   error_event   {"after": 1}: an OpenAI error event in the stream
-FAULT_KINDS = ("status", "slow_first_byte", "drop", "split", "invalid_json", "error_event")
+#   not_a_stream  a 200 with a whole JSON completion, as if stream were false
+FAULT_KINDS = ("status", "slow_first_byte", "drop", "split", "invalid_json", "error_event", "not_a_stream")
 
 
 class FakeUpstream:
@@ -201,6 +202,8 @@ class FakeUpstream:
             call.status = 400
             return web.json_response({"error": {"message": "expected a JSON body with stream: true"}}, status=400)
         words, finish = self._output(call.body, request.path.endswith("chat/completions"))
+        if kind == "not_a_stream":
+            return web.json_response({"choices": [{"index": 0, "text": " ".join(words), "finish_reason": finish}]})
         chat = request.path.endswith("chat/completions")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)

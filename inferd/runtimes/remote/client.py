@@ -226,12 +226,14 @@ class UpstreamClient:
         parser = SSEParser()
         chat = self.settings.api == "chat"
         finish: str | None = None
+        events_seen = 0
         async for data in resp.content.iter_any():
             try:
                 events = parser.feed(data)
             except SSEError as exc:
                 raise UpstreamFailure(ErrorCode.UPSTREAM_ERROR, f"upstream {upstream.url}: {exc}", "invalid_stream",
                                       retryable=False) from None
+            events_seen += len(events)
             for event in events:
                 if event.data == "[DONE]":
                     await self._drain(resp)
@@ -246,6 +248,9 @@ class UpstreamClient:
                     finish = FINISH_LENGTH if reason == FINISH_LENGTH else FINISH_STOP
         if finish:  # it said how it finished, then closed without [DONE]: nothing is missing
             return finish
+        if not events_seen:  # a whole answer that is no event stream (a JSON body): trying again won't help
+            raise UpstreamFailure(ErrorCode.UPSTREAM_ERROR, f"upstream {upstream.url} answered 200 without an event "
+                                  f"stream (Content-Type: {resp.content_type})", "invalid_stream", retryable=False)
         failure = UpstreamFailure(ErrorCode.UPSTREAM_ERROR, f"upstream {upstream.url} closed the stream before "
                                   "[DONE]", "connection", retryable=True)
         self.upstreams.failed(upstream, 200, self.scrub(failure.message))
