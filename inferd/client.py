@@ -127,11 +127,14 @@ def _submit_body(cid: int, deployment: str, prompt: str, priority: int | None, d
 
 def _gap(expected: int, body: dict[str, Any]) -> errors.ConnectionReset | None:
     """A CHUNK whose index skips, or a DONE whose count differs: messages were lost in a reset."""
-    got = body.get("index") if "index" in body else body.get("chunks")
+    if "index" in body:
+        got, what = body["index"], "chunk"
+    else:
+        got, what = body.get("chunks"), "a DONE counting"
     if got == expected:
         return None
     return errors.ConnectionReset(f"the connection to inferd was reset and output was lost "
-                                  f"({expected} chunk(s) received in order, then {'chunk' if 'index' in body else 'a DONE for'} {got})")
+                                  f"({expected} chunk(s) received in order, then {what} {got})")
 
 
 def _pong_problem(body: dict[str, Any], epoch: Any, cid: Any) -> errors.InferdError | None:

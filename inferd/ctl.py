@@ -8,7 +8,6 @@ says so in one line and exits 3, never with a traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -272,9 +272,10 @@ def test_ping_pong_epoch_matches_accepted(client):
     client.send("PING", {"id": 42})
     pong = client.expect()
     assert pong.command == "PONG", pong
-    assert set(pong.body) == {"id", "epoch", "version"}, pong.body
+    assert set(pong.body) == {"id", "epoch", "version", "max_message_bytes", "in_flight"}, pong.body
     assert pong.body["id"] == 42 and type(pong.body["id"]) is int
     assert pong.body["epoch"] == epoch
+    assert pong.body["max_message_bytes"] == 1 << 20 and pong.body["in_flight"] == []
     assert isinstance(pong.body["version"], str) and pong.body["version"]
     # id is optional on PING
     client.send("PING", {})
