@@ -75,8 +75,8 @@ def make_harness(monkeypatch):
     def make(upstream: FakeUpstream | None = None, capacity: int = 8, **options) -> Harness:
         opts = {"model": "fake-model", "api_key_env": "FAKE_KEY", "backoff_base_ms": 20, "backoff_cap_ms": 100,
                 "max_retries": 2, "probe_interval_ms": 100, "cooldown_ms": 200, **options}
-        if "upstreams" not in opts:
-            opts.setdefault("base_url", upstream.base_url)
+        if "upstreams" not in opts and "base_url" not in opts:
+            opts["base_url"] = upstream.base_url
         h = Harness(opts, capacity)
         made.append(h)
         return h
@@ -289,6 +289,28 @@ def test_the_deadline_bounds_the_whole_exchange(upstream, make_harness):
     final, _ = h.run(PROMPT, deadline_s=0.5)
     assert final.error is ErrorCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 1.5
+
+
+def test_a_connect_that_hangs_times_out_after_connect_timeout_ms(make_harness):
+    # A listener whose accept queue is full: the kernel drops further SYNs, so a connect hangs.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(4)]
+        for s in fillers:
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+        time.sleep(0.2)
+        try:
+            h = make_harness(base_url=f"http://127.0.0.1:{port}/v1", connect_timeout_ms=300, max_retries=0)
+            started = time.monotonic()
+            final, _ = h.run(PROMPT)
+            assert final.error is ErrorCode.UPSTREAM_ERROR and final.details["kind"] == "timeout"
+            assert 0.25 <= time.monotonic() - started < 2
+        finally:
+            for s in fillers:
+                s.close()
 
 
 def test_failover_to_the_next_upstream_and_cooldown(upstream, make_harness):
