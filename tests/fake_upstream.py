@@ -53,7 +53,9 @@ class Call:
 #   invalid_json  {"after": 1}: an event whose data is not JSON, after that many content events
 #   error_event   {"after": 1}: an OpenAI error event in the stream
 #   not_a_stream  a 200 with a whole JSON completion, as if stream were false
-FAULT_KINDS = ("status", "slow_first_byte", "drop", "split", "invalid_json", "error_event", "not_a_stream")
+#   stall         {"after": 2, "delay_ms": 1000}: a pause that long after that many content events
+FAULT_KINDS = ("status", "slow_first_byte", "drop", "split", "invalid_json", "error_event", "not_a_stream",
+               "stall")
 
 
 class FakeUpstream:
@@ -215,6 +217,8 @@ class FakeUpstream:
         for i, word in enumerate(words):
             if i and self.itl_ms:
                 await asyncio.sleep(self.itl_ms / 1000)
+            if kind == "stall" and i == fault["after"]:
+                await asyncio.sleep(fault["delay_ms"] / 1000)
             if kind == "drop" and i == fault["after"]:
                 request.transport.close()
                 return resp

@@ -238,6 +238,16 @@ def test_drop_mid_stream_is_an_error_and_never_retried(upstream, make_harness):
     assert len(upstream.completion_calls()) == 1
 
 
+def test_a_stall_between_chunks_past_read_timeout_ms_ends_the_stream(upstream, make_harness):
+    h = make_harness(upstream, read_timeout_ms=300)
+    upstream.fault("stall", after=2, delay_ms=1500)
+    started = time.monotonic()
+    final, text = h.run(PROMPT)
+    assert text == "the quick" and time.monotonic() - started < 1.2
+    assert final.error is ErrorCode.UPSTREAM_ERROR and final.details["kind"] == "timeout"
+    assert final.details["chunks"] == 2 and len(upstream.completion_calls()) == 1   # after a token: no retry
+
+
 def test_events_split_across_writes_even_mid_utf8(upstream, make_harness):
     h = make_harness(upstream)
     prompt = "naïve café — 日本語 ok"
