@@ -13,7 +13,7 @@ import time
 import pytest
 
 from inferd import errors
-from tests.daemon import Daemon, wait_for
+from tests.daemon import wait_for
 from tests.fake_upstream import FakeUpstream
 
 KEY = "sk-e2e-secret-4242424242"
