@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import os
 import time
@@ -47,7 +48,6 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 import zmq
-import zmq.asyncio
 
 from inferd import curve, errors, protocol as P, zmqio
 from inferd.paths import daemon_alive, default_runtime_dir
@@ -111,9 +111,13 @@ def _checked_size(body: bytes, limit: int) -> None:
         raise errors.MessageTooLarge(len(body), limit)
 
 
-def _submit_body(cid: int, deployment: str, prompt: str, priority: int | None, deadline_ms: int | None,
-                 affinity: str | None, params: dict[str, Any]) -> dict[str, Any]:
-    body: dict[str, Any] = {"id": cid, "deployment": deployment, "prompt": prompt}
+def _submit_body(cid: int, deployment: str, prompt: str | None, priority: int | None, deadline_ms: int | None,
+                 affinity: str | None, params: dict[str, Any], messages: list | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": cid, "deployment": deployment}
+    if prompt is not None:
+        body["prompt"] = prompt
+    if messages is not None:
+        body["messages"] = messages
     if priority is not None:
         body["priority"] = priority
     if deadline_ms is not None:
@@ -425,6 +429,11 @@ class AsyncClient:
         async with AsyncClient() as client:
             async for chunk in client.generate("echo", "hello world"):
                 ...
+
+    It reads a plain socket through the loop's ``add_reader`` rather than
+    ``zmq.asyncio`` (a future per message costs more than the message: one per
+    token), and queues its sends to flush them once per loop iteration, so that
+    many concurrent requests (a gateway's) share one wake-up of ZeroMQ's I/O thread.
     """
 
     def __init__(self, endpoint: str | None = None, *, runtime_dir: str | os.PathLike | None = None,
@@ -433,12 +442,14 @@ class AsyncClient:
         _check_reachable(self.endpoint)
         self.answer_timeout_s = answer_timeout_s
         self.liveness_s = liveness_s
-        self._ctx = zmq.asyncio.Context.instance()
+        self._ctx = zmq.Context.instance()
         self._sock = _open_socket(self._ctx, self.endpoint, curve_keys, answer_timeout_s)
         self._limit: int | None = None
         self._ids = itertools.count(1)
         self._inbox: dict[Any, asyncio.Queue] = {}
-        self._reader: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: collections.deque[list[bytes]] = collections.deque()
+        self._stuck_since: float | None = None   # when a send first found no connection to take it
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -447,30 +458,25 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+        if self._loop is not None and not self._sock.closed:
+            self._loop.remove_reader(self._sock.FD)
         self._sock.close(0)
 
     def _ensure_reader(self) -> None:
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._sock.FD, self._drain)
 
-    async def _read(self) -> None:
-        # Once a message is in, take every other one already waiting through a plain shadow
-        # of the socket: a future per message costs more than the message (one per token).
-        waiting = zmq.Socket.shadow(self._sock.underlying)
-        while True:
-            self._deliver(await self._sock.recv_multipart())
-            while True:
-                try:
-                    frames = waiting.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._deliver(frames)
+    def _drain(self) -> None:
+        """Deliver every message waiting. ZeroMQ's FD is edge-triggered: it signals that the
+        socket's state changed, so the socket is read until it has nothing left."""
+        sock = self._sock
+        while not sock.closed:
+            try:
+                frames = zmqio.recv(sock, zmqio.DONTWAIT)
+            except zmq.Again:
+                return
+            self._deliver(frames)
 
     def _deliver(self, frames: list[bytes]) -> None:
         try:
@@ -481,11 +487,31 @@ class AsyncClient:
         if box is not None:
             box.put_nowait((command, body))
 
-    async def _send(self, command: bytes, body: dict[str, Any], flags: int = 0) -> None:
-        try:
-            await self._sock.send_multipart(P.encode(P.CLIENT, command, body), flags)
-        except zmq.Again:
-            raise _unreachable(self.endpoint, self.answer_timeout_s) from None
+    async def _send(self, command: bytes, body: dict[str, Any]) -> None:
+        self._queue(P.encode(P.CLIENT, command, body))
+
+    def _queue(self, frames: list[bytes]) -> None:
+        self._outbox.append(frames)
+        if len(self._outbox) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        sock = self._sock
+        while self._outbox and not sock.closed:
+            try:
+                zmqio.send(sock, self._outbox[0], zmqio.DONTWAIT)
+            except zmq.Again:  # no connection yet (or a refused CURVE handshake), or a full pipe
+                now = time.monotonic()
+                self._stuck_since = self._stuck_since or now
+                if now - self._stuck_since > self.answer_timeout_s:
+                    self._outbox.clear()  # their requests time out unanswered and say why
+                else:
+                    self._loop.call_later(0.005, self._flush)
+                return
+            self._outbox.popleft()
+        self._stuck_since = None
+        # A send may take the FD's edge for messages that arrived meanwhile: read them now.
+        self._drain()
 
     async def ping(self) -> dict[str, Any]:
         self._ensure_reader()
@@ -495,6 +521,8 @@ class AsyncClient:
             await self._send(P.PING, {"id": cid})
             command, body = await _next(box, self.answer_timeout_s)
         except asyncio.TimeoutError:
+            if self._stuck_since is not None:
+                raise _unreachable(self.endpoint, self.answer_timeout_s) from None
             raise errors.Unavailable(f"no answer from inferd at {self.endpoint} "
                                      f"within {self.answer_timeout_s:g} s") from None
         finally:
@@ -507,10 +535,28 @@ class AsyncClient:
                        deadline_ms: int | None = None, affinity: str | None = None,
                        **params: Any) -> AsyncIterator[Chunk]:
         """Submit a request and yield its chunks; leaving the loop early cancels it."""
+        last: Chunk | None = None
+        # aclosing: leaving this loop early must close (and so cancel) the request now, not at collection.
+        async with contextlib.aclosing(self.request(deployment, prompt, priority=priority, deadline_ms=deadline_ms,
+                                                    affinity=affinity, params=params)) as messages:
+            async for command, body in messages:
+                if command == P.CHUNK:
+                    last = Chunk(body.get("text", ""), body["index"], body.get("finish_reason"))
+                    yield last
+                elif command == P.DONE and (last is None or last.finish_reason is None):
+                    yield Chunk("", last.index + 1 if last else 0, body.get("finish_reason"))
+
+    async def request(self, deployment: str, prompt: str | None = None, *, messages: list | None = None,
+                      priority: int | None = None, deadline_ms: int | None = None, affinity: str | None = None,
+                      params: dict[str, Any] | None = None) -> AsyncIterator[tuple[bytes, dict[str, Any]]]:
+        """Submit a request and yield its broker messages as they are: ACCEPTED, each CHUNK, then DONE
+        (with ``usage`` where the runtime reports it). An ERROR raises its typed exception, and so do
+        chunks lost in a reset connection. Give exactly one of ``prompt`` and ``messages`` (a chat).
+        Leaving the loop early cancels the request."""
         self._ensure_reader()
         cid = next(self._ids)
         frames = P.encode(P.CLIENT, P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms,
-                                                             affinity, params))
+                                                             affinity, params or {}, messages))
         if len(frames[2]) > MIN_MESSAGE_LIMIT:
             if self._limit is None:
                 self._limit = (await self.ping()).get("max_message_bytes", DEFAULT_MESSAGE_LIMIT)
@@ -519,13 +565,9 @@ class AsyncClient:
         tracker = _Tracker(deadline_ms, self.liveness_s, self.answer_timeout_s)
         finished = False
         epoch = None
-        last: Chunk | None = None
+        received = 0
         try:
-            try:
-                await self._sock.send_multipart(frames)
-            except zmq.Again:
-                finished = True  # never sent: nothing to cancel
-                raise _unreachable(self.endpoint, self.answer_timeout_s) from None
+            self._queue(frames)
             while True:
                 try:
                     command, body = await _next(box, tracker.wait_s(time.monotonic()) or 1e-3)
@@ -533,6 +575,8 @@ class AsyncClient:
                     now = time.monotonic()
                     error = tracker.timed_out(now, self.endpoint)
                     if error is not None:
+                        if not tracker.accepted and self._stuck_since is not None:
+                            error = _unreachable(self.endpoint, self.answer_timeout_s)
                         raise error from None
                     if not tracker.accepted:
                         continue
@@ -543,19 +587,19 @@ class AsyncClient:
                 if command == P.ACCEPTED:
                     tracker.accepted = True
                     epoch = body.get("epoch")
+                    yield command, body
                 elif command == P.CHUNK:
-                    gap = _gap(last.index + 1 if last else 0, body)
+                    gap = _gap(received, body)
                     if gap:
                         raise gap
-                    last = Chunk(body.get("text", ""), body["index"], body.get("finish_reason"))
-                    yield last
+                    received += 1
+                    yield command, body
                 elif command == P.DONE:
                     finished = True
-                    gap = _gap(last.index + 1 if last else 0, body)
+                    gap = _gap(received, body)
                     if gap:
                         raise gap
-                    if last is None or last.finish_reason is None:
-                        yield Chunk("", last.index + 1 if last else 0, body.get("finish_reason"))
+                    yield command, body
                     return
                 elif command == P.ERROR:
                     finished = True
@@ -568,6 +612,6 @@ class AsyncClient:
             self._inbox.pop(cid, None)
             if not finished:
                 try:
-                    await self._send(P.CANCEL, {"id": cid}, zmq.NOBLOCK)
+                    await self._send(P.CANCEL, {"id": cid})
                 except Exception:
-                    pass  # no connection, or the socket is closing: nothing to cancel on
+                    pass  # the loop is closing: the broker notices the gone client

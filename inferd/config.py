@@ -91,6 +91,30 @@ class BrokerConfig:
                                 check=lambda v: 0 <= v <= 3600)
 
 
+def _is_host(text: str) -> bool:
+    return 0 < len(text) <= 255 and not any(c.isspace() for c in text)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The OpenAI-compatible HTTP gateway; it runs only when the config has a [gateway] table."""
+    # Loopback unless told otherwise: the gateway is the daemon's only network listener.
+    host: str = _opt("127.0.0.1", kind=str, expect="a host name or IP address to bind", check=_is_host)
+    port: int = _opt(8000, kind=int, expect="a TCP port between 1 and 65535", check=lambda v: 1 <= v <= 65535)
+    # A request body larger than this gets 413 before it is read.
+    max_body_bytes: int = _opt(1 << 20, kind=int, expect="an integer between 1024 and 1073741824",
+                               check=lambda v: 1024 <= v <= 1 << 30)
+    # Bearer API keys: comma- or newline-separated in this environment variable, and one per line in
+    # api_keys_file. With neither, no key is asked for.
+    api_keys_env: str = _opt("INFERD_API_KEYS", kind=str, expect="an environment variable name",
+                             check=lambda v: 0 < len(v) <= 255 and "=" not in v)
+    api_keys_file: str | None = _opt(None, kind=str, expect="a file path", check=lambda v: len(v) > 0)
+    # With a tcp:// CURVE frontend: this client's key pair (a .key_secret whose .key is among
+    # broker.curve_allowed_clients); the server's public key is read from broker.curve_secret_key.
+    curve_client_key: str | None = _opt(None, kind=str, expect="the path of the gateway's .key_secret file",
+                                        check=lambda v: len(v) > 0)
+
+
 DEVICE_POLICIES = ("least-loaded", "round-robin")
 ROUTING_POLICIES = ("least-loaded", "round-robin", "sticky")
 
@@ -175,6 +199,7 @@ class Config:
     node: NodeConfig
     devices: DevicesConfig
     deployments: tuple[DeploymentConfig, ...]
+    gateway: GatewayConfig | None = None     # None: no [gateway] table, no HTTP gateway
 
     def deployment(self, name: str) -> DeploymentConfig:
         for dep in self.deployments:
@@ -195,6 +220,7 @@ class Config:
             node=NodeConfig(**data["node"]),
             devices=DevicesConfig(**data["devices"]),
             deployments=tuple(DeploymentConfig(**d) for d in data["deployments"]),
+            gateway=GatewayConfig(**data["gateway"]) if data.get("gateway") is not None else None,
         )
 
 
@@ -220,7 +246,7 @@ def load(path: str | Path) -> Config:
 
 def parse(raw: dict[str, Any], path: str = "<config>") -> Config:
     """Validate an already-parsed TOML document."""
-    allowed = set(_SECTIONS) | {"deployment"}
+    allowed = set(_SECTIONS) | {"deployment", "gateway"}
     for key in raw:
         if key not in allowed:
             raise ConfigError(f"{path}: unknown key {key!r}; expected one of "
@@ -233,6 +259,15 @@ def parse(raw: dict[str, Any], path: str = "<config>") -> Config:
         sections[key] = _build(cls, table, key, path)
 
     _check_frontend(sections["broker"], path)
+    gateway = raw.get("gateway")
+    if gateway is not None:
+        if not isinstance(gateway, dict):
+            raise ConfigError(f"{path}: gateway: expected a table [gateway]")
+        sections["gateway"] = _build(GatewayConfig, gateway, "gateway", path)
+        if sections["broker"].curve_secret_key and not sections["gateway"].curve_client_key:
+            raise ConfigError(f"{path}: gateway.curve_client_key: missing; expected the gateway's .key_secret "
+                              f"(its .key in broker.curve_allowed_clients), since the frontend requires CURVE")
+
     deployments_raw = raw.get("deployment", [])
     if not isinstance(deployments_raw, list) or not all(isinstance(d, dict) for d in deployments_raw):
         raise ConfigError(f"{path}: deployment: expected an array of tables [[deployment]]")

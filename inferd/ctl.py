@@ -117,6 +117,10 @@ def status(obj: Ctx, as_json: bool) -> None:
     click.echo(f"devices: {d.get('devices', 'unknown')}")
     click.echo(f"broker pid {b['pid']}  {b['state']}  up {b['uptime_s']} s  "
                f"restarts {d.get('broker_restarts', 0)}")
+    gw = d.get("gateway")
+    if gw:
+        click.echo(f"gateway {gw['url']}  pid {gw['pid'] or '-'}  {gw['state']}  restarts {gw['restarts']}"
+                   + (f"  last exit: {gw['last_exit']}" if gw["last_exit"] else ""))
     click.echo("")
     click.echo(_table(["DEPLOYMENT", "RUNTIME", "STATE", "READY", "QUEUED", "IN_FLIGHT"],
                       [[n, v["runtime"], v["state"], f"{v['ready']}/{v['replicas']}", v["queued"], v["in_flight"]]
@@ -264,7 +268,7 @@ def metrics(obj: Ctx, as_json: bool) -> None:
     click.echo("")
     rows = []
     for name, v in m.items():
-        for dist in ("queue_ms", "first_chunk_ms", "latency_ms"):
+        for dist in ("queue_ms", "first_chunk_ms", "inter_chunk_ms", "latency_ms"):
             s = v[dist]
             rows.append([name, dist, s["count"], _ms(s, "p50"), _ms(s, "p90"), _ms(s, "p99"), _ms(s, "max")])
     click.echo(_table(["DEPLOYMENT", "DISTRIBUTION", "COUNT", "P50", "P90", "P99", "MAX"], rows))

@@ -21,6 +21,7 @@ from inferd.supervisor import Supervisor
 
 DEFAULT_CONFIG = "/etc/inferd/inferd.toml"
 # The broker's own retry window: past it the daemon cannot serve, and exits for systemd to act.
+# The gateway has the same window; past it only HTTP stops.
 BROKER_LIMITS = Limits(max_restarts=3, within_s=60.0)
 
 
@@ -51,6 +52,7 @@ def policy(config: Config, plans: list[WorkerPlan]) -> SupervisionPolicy:
         dep = config.deployment(p.deployment)
         limits[p.id] = Limits(dep.max_restarts, dep.restart_window_s)
     limits["broker"] = BROKER_LIMITS
+    limits["gateway"] = BROKER_LIMITS
     return SupervisionPolicy(limits, backoff_min_s=d.restart_backoff_min_ms / 1000,
                              backoff_max_s=d.restart_backoff_max_ms / 1000, backoff_reset_s=d.restart_backoff_reset_s,
                              jitter=d.restart_backoff_jitter, escalation_max=d.escalation_max,

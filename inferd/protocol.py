@@ -202,13 +202,30 @@ def _type_names(types: type | tuple[type, ...]) -> str:
 SUBMIT_FIELDS = {
     "id": ((int, str), True),
     "deployment": (str, True),
-    "prompt": (str, True),
+    "prompt": (str, False),       # exactly one of prompt and messages
+    "messages": (list, False),
     "priority": (int, False),
     "deadline_ms": (int, False),
     "affinity": (str, False),
     "params": (dict, False),
 }
 CANCEL_FIELDS = {"id": ((int, str), True)}
+MAX_MESSAGES = 4096
+MESSAGE_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def message_problem(messages: list) -> str | None:
+    """Why a SUBMIT's ``messages`` is malformed, or None: 1 to 4096 maps ``{role, content}`` of strings."""
+    if not 1 <= len(messages) <= MAX_MESSAGES:
+        return f"must hold 1 to {MAX_MESSAGES} messages, got {len(messages)}"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            return f"[{i}] must be a map with exactly the fields role and content"
+        if message["role"] not in MESSAGE_ROLES:
+            return f"[{i}].role must be one of {', '.join(MESSAGE_ROLES)}"
+        if not isinstance(message["content"], str):
+            return f"[{i}].content must be a string"
+    return None
 PING_FIELDS = {"id": ((int, str), False)}
 
 # --- worker messages ----------------------------------------------------------------------------
@@ -234,7 +251,7 @@ WORKER_FIELDS: dict[bytes, dict[str, tuple[type | tuple[type, ...], bool]]] = {
             "pid": (int, True)},
     HEARTBEAT: {**_LOAD_FIELDS, "failure": (str, False), "reason": (str, False)},
     CHUNKS: {"worker": (str, True), "chunks": (list, True)},
-    DONE: {"worker": (str, True), "rid": (int, True), "finish_reason": (str, False)},
+    DONE: {"worker": (str, True), "rid": (int, True), "finish_reason": (str, False), "usage": (dict, False)},
     # ``id`` is always nil: a worker's ERROR is about the broker's ``rid``, not a client id.
     ERROR: {"worker": (str, True), "rid": (int, True), "id": (int, False), "code": (str, True),
             "message": (str, False), "details": (dict, False)},

@@ -51,6 +51,7 @@ from inferd.sdnotify import Notifier
 log = logging.getLogger("inferd.supervisor")
 
 BROKER = "broker"
+GATEWAY = "gateway"
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 # How long the broker may take to confirm a drain beyond the grace period
 # before the supervisor stops waiting for it.
@@ -73,6 +74,7 @@ class Child:
     started_at: float = field(default=0.0)
     killed_for: str | None = None     # why the supervisor SIGKILLed it (hung, silent)
     operator_restart: bool = False    # inferctl restart: respawn at once, outside the policy
+    restart_reasons: Counter = field(default_factory=Counter)  # failure kind (or "operator") -> restarts
 
     @property
     def pid(self) -> int | None:
@@ -83,6 +85,7 @@ class Child:
         return {"id": self.name, "deployment": self.plan.deployment, "replica": self.plan.replica,
                 "node": self.plan.node, "device": self.plan.device_ids, "placed_by": self.plan.why,
                 "pid": self.pid or 0, "state": self.state, "restarts": self.restarts, "last_exit": self.last_exit,
+                "restart_reasons": dict(self.restart_reasons),
                 "restart_in_s": round(max(0.0, self.restart_at - time.monotonic()), 2)
                 if self.restart_at is not None else None}
 
@@ -111,6 +114,8 @@ class Supervisor:
         base = {"config": config.to_dict(), "runtime_dir": str(endpoints.runtime_dir),
                 "frontend": config.broker.frontend}
         self.broker = Child(BROKER, "inferd.broker", base)
+        # The HTTP gateway, when configured: a client of the broker, supervised like it.
+        self.gateway = Child(GATEWAY, "inferd.gateway", base) if config.gateway is not None else None
         self.workers = [Child(p.id, "inferd.worker", {**base, "worker": p.id, "deployment": p.deployment}, plan=p)
                         for p in plans]
         self.ctx = zmq.Context()
@@ -145,6 +150,8 @@ class Supervisor:
         for plan in (c.plan for c in self.workers):
             log.info("placed %s on %s (%s)", plan.id, plan.device_ids, plan.why)
         self._spawn(self.broker)
+        if self.gateway is not None:
+            self._spawn(self.gateway)
         for child in self.workers:
             self._spawn(child)
         self.notifier.notify(status="starting workers")
@@ -174,7 +181,7 @@ class Supervisor:
         return min([self.phase_deadline, self.next_poll, *times])
 
     def _children(self) -> list[Child]:
-        return [self.broker, *self.workers]
+        return [self.broker, *([self.gateway] if self.gateway else []), *self.workers]
 
     def _alive(self) -> list[Child]:
         return [c for c in self._children() if c.proc is not None]
@@ -312,7 +319,7 @@ class Supervisor:
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)%s", child.name, child.proc.pid,
                  f" on {child.plan.device_ids}" if child.plan else "")
-        if child.plan is not None:
+        if child.plan is not None or child is self.gateway:
             self._publish()
 
     def _reap(self) -> None:
@@ -331,7 +338,7 @@ class Supervisor:
             child.killed_for = None
             if child is self.broker:
                 self.broker_peer = None
-            else:
+            elif child.plan is not None:
                 self._to_broker(P.WORKER_EXITED, {"worker": child.name, "pid": pid, "status": status})
             if self.phase != "running":
                 log.info("%s (pid %d) %s", child.name, pid, child.last_exit)
@@ -339,10 +346,11 @@ class Supervisor:
             elif child.operator_restart:
                 log.info("%s (pid %d) stopped for an operator restart", child.name, pid)
                 child.operator_restart = False
+                child.restart_reasons["operator"] += 1
                 child.state, child.restart_at = "restarting", now
             else:
                 self._decide(child, pid, failure, now)
-            if child.plan is not None:
+            if child.plan is not None or child is self.gateway:
                 self._publish()
 
     def _decide(self, child: Child, pid: int, failure: Failure, now: float) -> None:
@@ -351,6 +359,12 @@ class Supervisor:
             log.warning("%s (pid %d) %s: %s, restarting in %.2f s", child.name, pid, child.last_exit,
                         decision.directive.value, decision.delay_s)
             child.state, child.restart_at = "restarting", now + decision.delay_s
+            child.restart_reasons[failure.value] += 1
+        elif decision.action == FAIL and child is self.gateway:
+            # Serving over ZeroMQ goes on: an HTTP port that cannot be bound must not stop the GPUs.
+            log.error("gateway (pid %d) %s: %s; it stays down, HTTP is not served", pid, child.last_exit,
+                      decision.reason)
+            child.state = "failed"
         elif decision.action == FAIL and child is not self.broker:
             log.error("%s (pid %d) %s: %s; it stays down until `inferctl restart %s`", child.name, pid,
                       child.last_exit, decision.reason, child.name)
@@ -420,6 +434,7 @@ class Supervisor:
         self.policy.clear(name)
         log.info("operator restart of %s (was %s)", name, was)
         if child.proc is None:
+            child.restart_reasons["operator"] += 1
             child.state, child.restart_at = "restarting", time.monotonic()
         else:
             child.operator_restart = True
@@ -450,10 +465,17 @@ class Supervisor:
             "daemon": {"pid": os.getpid(), "version": __version__, "config": self.config.path,
                        "runtime_dir": str(self.endpoints.runtime_dir), "state": self.phase,
                        "started_at": self.started, "devices": self.source.note, "node": self.config.node.name,
-                       "broker_restarts": self.broker.restarts},
+                       "broker_restarts": self.broker.restarts, "gateway": self._gateway_row()},
             "devices": self._device_rows(),
             "workers": [c.row() for c in self.workers],
         })
+
+    def _gateway_row(self) -> dict[str, Any] | None:
+        if self.gateway is None:
+            return None
+        gw = self.config.gateway
+        return {"url": f"http://{gw.host}:{gw.port}", "pid": self.gateway.pid or 0, "state": self.gateway.state,
+                "restarts": self.gateway.restarts, "last_exit": self.gateway.last_exit}
 
     def _device_rows(self) -> list[dict[str, Any]]:
         load = self.device_load()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,13 @@ def echo_config(replicas: int = 2, queue_capacity: int = 1024, max_concurrency: 
         "[deployment.options]\n" + textwrap.dedent(options) if options else "",
         textwrap.dedent(extra),
     ])
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (tests never use fixed ports: other daemons run beside them)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:

@@ -57,10 +57,12 @@ class Request:
     affinity: str | None
     arrived: float
     deadline: float
+    messages: list | None = None  # a chat instead of a prompt (the runtime's spec says chat)
     entry: Entry | None = None    # set while queued
     worker: "WorkerRecord | None" = None
     dispatched_at: float = 0.0
     first_chunk_at: float = 0.0
+    last_chunk_at: float = 0.0
     chunks: int = 0
     dispatches: int = 0
     done: bool = False            # the client has had its final reply
@@ -226,6 +228,7 @@ class BrokerCore:
                                 {"deployments": sorted(self.deployments)})
         cfg = dep.config
         if not dep.available:
+            dep.metrics.final(ErrorCode.UNAVAILABLE.value)
             return self._reject(client, cid, ErrorCode.UNAVAILABLE,
                                 f"deployment {dep.name!r} has no worker left: all failed and stopped",
                                 {"hint": "inferctl restart WORKER"})
@@ -244,14 +247,25 @@ class BrokerCore:
         problem = runtimes.validate_params(cfg.runtime, params, cfg.options)
         if problem:
             raise P.ProtocolError(f"SUBMIT: params.{problem}", cid)
+        messages = body.get("messages")
+        if (messages is None) == (body.get("prompt") is None):
+            raise P.ProtocolError("SUBMIT: exactly one of 'prompt' and 'messages' is required", cid)
+        if messages is not None:
+            if not dep.spec.chat:
+                raise P.ProtocolError(f"SUBMIT: runtime {cfg.runtime!r} of deployment {dep.name!r} takes a "
+                                      f"prompt, not messages", cid)
+            problem = P.message_problem(messages)
+            if problem:
+                raise P.ProtocolError(f"SUBMIT: messages{problem if problem[0] == '[' else ' ' + problem}", cid)
 
         now = self.clock()
-        req = Request(self._next_rid, client, cid, dep, body["prompt"], params, priority,
-                      body.get("affinity"), now, now + deadline_ms / 1000)
+        req = Request(self._next_rid, client, cid, dep, body.get("prompt") or "", params, priority,
+                      body.get("affinity"), now, now + deadline_ms / 1000, messages)
         try:
             req.entry, evicted = dep.queue.push(req, priority)
         except QueueFull:
             dep.metrics.rejected_backpressure += 1
+            dep.metrics.final(ErrorCode.BACKPRESSURE.value)
             return self._reject(client, cid, ErrorCode.BACKPRESSURE,
                                 f"deployment {dep.name!r} queue is full ({cfg.queue_capacity} queued)",
                                 {"retry_after_ms": self._retry_hint(dep, priority)})
@@ -509,9 +523,13 @@ class BrokerCore:
             if req is None or req.done:
                 continue  # a late chunk for a request already given up on
             worker.last_progress = worker.last_seen
+            now = self.clock()
             if not req.chunks:
-                req.first_chunk_at = self.clock()
-                req.deployment.metrics.first_chunk_ms.add((req.first_chunk_at - req.arrived) * 1000)
+                req.first_chunk_at = now
+                req.deployment.metrics.first_chunk_ms.add((now - req.arrived) * 1000)
+            else:
+                req.deployment.metrics.inter_chunk_ms.add((now - req.last_chunk_at) * 1000)
+            req.last_chunk_at = now
             out = {"id": req.cid, "index": req.chunks, "text": entry[1]}
             if len(entry) == 3:
                 out["finish_reason"] = entry[2]
@@ -525,8 +543,16 @@ class BrokerCore:
             self._retire(req, None)
             return
         if command == P.DONE:
-            self._finish(req, P.DONE, {"id": req.cid, "finish_reason": body.get("finish_reason", P.FINISH_STOP),
-                                       "chunks": req.chunks}, "completed")
+            done = {"id": req.cid, "finish_reason": body.get("finish_reason", P.FINISH_STOP), "chunks": req.chunks}
+            usage = body.get("usage")
+            if (isinstance(usage, dict) and set(usage) == {"prompt_tokens", "completion_tokens"}
+                    and all(type(v) is int and v >= 0 for v in usage.values())):
+                done["usage"] = usage
+                dep.metrics.prompt_tokens += usage["prompt_tokens"]
+                dep.metrics.generated_tokens += usage["completion_tokens"]
+            else:
+                dep.metrics.generated_tokens += req.chunks
+            self._finish(req, P.DONE, done, "completed")
             return
         code = body.get("code")
         if code not in ErrorCode.__members__:
@@ -588,9 +614,11 @@ class BrokerCore:
             if req.dispatches == 1:
                 dep.metrics.queue_ms.add((now - req.arrived) * 1000)
             req.dispatched_at = now
-            self.transport.to_worker(worker.id, P.REQUEST, {"rid": req.rid, "prompt": req.prompt,
-                                                            "params": req.params,
-                                                            "deadline_ms": max(1, round((req.deadline - now) * 1000))})
+            work = {"rid": req.rid, "prompt": req.prompt, "params": req.params,
+                    "deadline_ms": max(1, round((req.deadline - now) * 1000))}
+            if req.messages is not None:
+                work["messages"] = req.messages
+            self.transport.to_worker(worker.id, P.REQUEST, work)
 
     # --- finals ----------------------------------------------------------------------------
 
@@ -606,6 +634,7 @@ class BrokerCore:
         m = req.deployment.metrics
         if command == P.DONE:
             m.latency_ms.add((self.clock() - req.arrived) * 1000)
+        m.final("OK" if command == P.DONE else body["code"])
         self._retire(req, counter)
 
     def _retire(self, req: Request, counter: str | None) -> None:

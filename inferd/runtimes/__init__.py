@@ -35,6 +35,8 @@ class RuntimeSpec:
     install_hint: str = ""
     # Rules across options (one option required, two exclusive): the first problem, or None.
     check_options: Callable[[dict[str, Any]], str | None] | None = None
+    # Takes a chat (SUBMIT's ``messages``) as well as a prompt.
+    chat: bool = False
 
     def missing_modules(self) -> list[str]:
         """The required modules that are not installed; found without importing them."""
@@ -116,12 +118,16 @@ SPECS: dict[str, RuntimeSpec] = {
             "fault": Param(str, f"one of {', '.join(ECHO_FAULTS)}", lambda v: v in ECHO_FAULTS),
         },
         options={
+            # The default pause between words (a request's delay_ms overrides it): a stand-in for a
+            # model's time per token, for demos, tests and benchmarks through APIs without the param.
+            "delay_ms": Param(int, "an integer between 0 and 10000", lambda v: 0 <= v <= 10_000),
             # Test-only faults; off unless a config turns them on.
             "fault_injection": _BOOL,
             "load_fault": Param(str, "\"unrecoverable\"", lambda v: v == "unrecoverable"),
         },
         gated={"fault": "fault_injection", "load_fault": "fault_injection"},
         chunk_joiner=" ",
+        chat=True,
     ),
     "torch": RuntimeSpec(
         name="torch",
@@ -172,6 +178,7 @@ SPECS: dict[str, RuntimeSpec] = {
         },
         chunk_joiner="",
         transport="remote",
+        chat=True,  # with api = "chat"; a completions API refuses messages (BAD_REQUEST from the worker)
         requires=("aiohttp",),
         install_hint="pip install aiohttp",
         check_options=_remote_options_problem,

@@ -24,7 +24,7 @@ class RunRequest:
     rid: int
     prompt: str
     params: dict[str, Any]
-    messages: list[dict[str, Any]] | None = None  # a chat request's messages, when it has them
+    messages: list[dict[str, str]] | None = None   # a chat, for runtimes whose spec says chat
     deadline: float | None = None             # time.monotonic() by which the broker gives up on it
 
 

@@ -1,8 +1,11 @@
 """The echo runtime: streams the prompt back, one whitespace-separated word per chunk.
 
+A chat (``messages``) is echoed as its contents joined in order.
+
 It is the serving path's load for tests and benchmarks: no model, so what is
 measured is inferd itself. Params: ``max_tokens`` (at most that many chunks)
-and ``delay_ms`` (the wait between chunks, to hold requests in flight).
+and ``delay_ms`` (the wait between chunks, to hold requests in flight; the
+option ``delay_ms`` sets its default).
 
 With ``options.fault_injection = true`` (never by default) it also injects the
 failures that supervision must survive, so they can be tested end to end on a
@@ -62,9 +65,11 @@ class EchoRunner(ModelRunner):
         self._streams: dict[int, _Stream] = {}
 
     def admit(self, request: RunRequest) -> None:
-        words = request.prompt.split()
+        # A chat echoes its messages' contents, in order.
+        text = " ".join(m["content"] for m in request.messages) if request.messages else request.prompt
+        words = text.split()
         limit = min(len(words), request.params.get("max_tokens", len(words)))
-        delay = request.params.get("delay_ms", 0) / 1000
+        delay = request.params.get("delay_ms", self.options.get("delay_ms", 0)) / 1000
         fault = request.params.get("fault") if self._faults else None
         self._streams[request.rid] = _Stream(words, limit, delay, time.monotonic(), fault)
 

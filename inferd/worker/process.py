@@ -196,7 +196,7 @@ class Worker:
         self.in_flight.add(rid)
         deadline_ms = body.get("deadline_ms")
         deadline = time.monotonic() + deadline_ms / 1000 if isinstance(deadline_ms, (int, float)) else None
-        self.engine.admit(RunRequest(rid, body.get("prompt", ""), body.get("params") or {},
+        self.engine.admit(RunRequest(rid, body.get("prompt") or "", body.get("params") or {},
                                      messages=body.get("messages"), deadline=deadline))
 
     def _drain_wakeups(self) -> None:

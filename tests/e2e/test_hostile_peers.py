@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -21,7 +20,7 @@ import zmq
 
 from inferd import curve, errors
 from inferd.client import Client
-from tests.daemon import wait_for
+from tests.daemon import free_port, wait_for
 from tests.e2e.test_inferctl import INFERCTL
 
 SUBMIT_COMMANDS = (b"SUBMIT", b"CANCEL", b"PING")
@@ -376,12 +375,6 @@ def test_a_submit_the_broker_never_answers_times_out_with_unavailable(make_daemo
 
 
 # --- 7. CURVE on a tcp frontend ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -1789,6 +1789,84 @@ def test_request_ids_of_two_broker_processes_do_not_meet():
     assert min(rids[0] | rids[1]) >= 1 << 20
 
 
+# --- chat messages, usage, finals by code (the gateway's needs) ---------------------------------
+
+
+def test_messages_reach_the_worker_instead_of_a_prompt():
+    h = Harness()
+    h.ready()
+    h.take()
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    h.client(b"c1", P.SUBMIT, {"id": 1, "deployment": "echo", "messages": chat})
+    msgs = h.take()
+    request = next(m[3] for m in msgs if m[2] == P.REQUEST)
+    assert request["messages"] == chat and request["prompt"] == ""
+    assert h.to_clients(msgs)[-1][1] == P.ACCEPTED
+
+
+@pytest.mark.parametrize("body, reason", [
+    ({}, "exactly one of 'prompt' and 'messages' is required"),
+    ({"prompt": "x", "messages": [{"role": "user", "content": "x"}]},
+     "exactly one of 'prompt' and 'messages' is required"),
+    ({"messages": []}, "messages must hold 1 to 4096 messages, got 0"),
+    ({"messages": [{"role": "user"}]}, "messages[0] must be a map with exactly the fields role and content"),
+    ({"messages": [{"role": "king", "content": "x"}]}, "messages[0].role must be one of"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string"),
+])
+def test_malformed_messages_are_bad_requests(body, reason):
+    h = Harness()
+    h.ready()
+    h.take()
+    h.client(b"c1", P.SUBMIT, {"id": 1, "deployment": "echo", **body})
+    [(client, command, answer)] = h.to_clients(h.take())
+    assert command == P.ERROR and answer["code"] == "BAD_REQUEST"
+    assert answer["message"].startswith(f"SUBMIT: {reason}")
+
+
+def test_a_runtime_without_chat_refuses_messages():
+    h = Harness(runtime="torch")
+    h.client(b"c1", P.SUBMIT, {"id": 1, "deployment": "echo", "messages": [{"role": "user", "content": "x"}]})
+    [(_, command, answer)] = h.to_clients(h.take())
+    assert command == P.ERROR and "takes a prompt, not messages" in answer["message"]
+
+
+def test_usage_from_the_worker_is_forwarded_and_counted():
+    h = Harness()
+    h.ready()
+    h.submit(1)
+    h.submit(2)
+    rids = [rid for _, rid, _ in h.requests_sent(h.take())]
+    h.chunk("echo-0", rids[0], "a")
+    h.worker("echo-0", P.DONE, rid=rids[0], finish_reason="stop", usage={"prompt_tokens": 7, "completion_tokens": 1})
+    h.chunk("echo-0", rids[1], "b")
+    h.chunk("echo-0", rids[1], "c")
+    h.done("echo-0", rids[1])  # no usage: the chunks count as generated tokens
+    dones = [body for _, command, body in h.to_clients(h.take()) if command == P.DONE]
+    assert dones[0]["usage"] == {"prompt_tokens": 7, "completion_tokens": 1}
+    assert "usage" not in dones[1]
+    m = h.metrics()
+    assert (m["prompt_tokens"], m["generated_tokens"]) == (7, 1 + 2)
+
+
+def test_finals_are_counted_by_code_and_chunk_gaps_measured():
+    h = Harness(queue_capacity=1)
+    h.ready(credits=1)
+    h.submit(1)
+    h.submit(2)
+    h.submit(3)  # the queue (capacity 1) is full: BACKPRESSURE
+    [(_, rid, _)] = h.requests_sent(h.take())
+    h.chunk("echo-0", rid, "a")
+    h.clock.advance(0.02)
+    h.chunk("echo-0", rid, "b")
+    h.done("echo-0", rid)
+    h.cancel(2)
+    m = h.metrics()
+    assert m["finals"] == {"BACKPRESSURE": 1, "OK": 1, "CANCELLED": 1}
+    assert m["inter_chunk_ms"]["count"] == 1 and m["inter_chunk_ms"]["max"] == pytest.approx(20.0)
+    itl = m["histograms"]["inter_chunk_ms"]
+    assert itl["count"] == 1 and itl["counts"][itl["le_ms"].index(25.0)] == 1 and itl["counts"][0] == 0
+
+
 # --- malformed worker messages ------------------------------------------------------------------
 
 

@@ -287,7 +287,8 @@ def test_deployment_array_of_non_tables():
 
 def test_unknown_runtime_option():
     msg = error_of(minimal(options={"temperature": 0.5}))
-    assert_mentions(msg, PATH, "deployment[0] (echo).options.temperature", "unknown", "known: fault_injection, load_fault")
+    assert_mentions(msg, PATH, "deployment[0] (echo).options.temperature", "unknown",
+                    "known: delay_ms, fault_injection, load_fault")
 
 
 def test_invalid_toml(tmp_path):
@@ -349,6 +350,24 @@ def test_shipped_config_round_trips():
     assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+def test_shipped_config_enables_the_gateway_on_loopback_8000():
+    gw = load(SHIPPED).gateway
+    assert (gw.host, gw.port, gw.max_body_bytes, gw.api_keys_env, gw.api_keys_file) == (
+        "127.0.0.1", 8000, 1 << 20, "INFERD_API_KEYS", None)
+
+
+def test_gateway_is_off_without_its_table_and_checked_with_it():
+    base = {"deployment": [{"name": "e", "runtime": "echo"}]}
+    assert parse(base).gateway is None
+    cfg = parse({**base, "gateway": {"port": 9000, "host": "0.0.0.0", "api_keys_file": "/k"}})
+    assert (cfg.gateway.port, cfg.gateway.host, cfg.gateway.api_keys_file) == (9000, "0.0.0.0", "/k")
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert "gateway.port: expected a TCP port between 1 and 65535" in error_of({**base, "gateway": {"port": 0}})
+    assert "gateway.prot: unknown key" in error_of({**base, "gateway": {"prot": 80}})
+    assert "gateway.max_body_bytes" in error_of({**base, "gateway": {"max_body_bytes": 10}})
+    assert "gateway: expected a table [gateway]" in error_of({**base, "gateway": 8000})
+
+
 # --- a tcp frontend must authenticate its clients -------------------------------------------------
 
 
@@ -375,3 +394,12 @@ def test_an_unauthenticated_tcp_frontend_is_refused(broker, expect):
 def test_curve_or_an_explicit_loopback_tcp_frontend_is_accepted(broker):
     cfg = parse({"broker": broker, "deployment": [{"name": "e", "runtime": "echo"}]}, "f.toml")
     assert cfg.broker.frontend == broker["frontend"]
+
+
+def test_a_curve_frontend_needs_the_gateway_key(tmp_path):
+    base = {"deployment": [{"name": "e", "runtime": "echo"}],
+            "broker": {"frontend": "tcp://0.0.0.0:5555", "curve_secret_key": "/k/s.key_secret",
+                       "curve_allowed_clients": "/k/c"}}
+    assert "gateway.curve_client_key: missing" in error_of({**base, "gateway": {}})
+    cfg = parse({**base, "gateway": {"curve_client_key": "/k/c/gw.key_secret"}})
+    assert cfg.gateway.curve_client_key == "/k/c/gw.key_secret"

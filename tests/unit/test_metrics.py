@@ -82,6 +82,18 @@ def test_percentile_matches_nearest_rank_for_many_sizes():
 
 def test_summary_of_empty():
     assert Distribution().summary() == {"count": 0}
+    assert Distribution().histogram()["count"] == 0 and not any(Distribution().histogram()["counts"])
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive():
+    d = Distribution(buckets_s=(0.001, 0.01, 0.1))
+    for ms in (0.5, 1.0, 1.5, 10.0, 50.0, 100.0, 250.0):
+        d.add(ms)
+    h = d.histogram()
+    assert h["le_ms"] == [1.0, 10.0, 100.0]
+    # le is inclusive (Prometheus's rule): 1.0 ms lands in the 1 ms bucket; 250 ms only in +Inf.
+    assert h["counts"] == [2, 4, 6]
+    assert h["count"] == 7 and h["sum_ms"] == pytest.approx(413.0)
 
 
 def test_summary_known_data():
@@ -180,14 +192,21 @@ def test_snapshot_keys_and_values():
     m.latency_ms.add(10.0)
     m.latency_ms.add(30.0)
     snap = m.snapshot(queued=7, in_flight=2)
-    assert set(snap) == {"queued", "in_flight", *COUNTERS, *DISTRIBUTIONS}
-    assert set(snap) == {"queued", "in_flight", "completed", "failed", "rejected_backpressure", "timed_out",
-                         "cancelled", "bad_request", "queue_ms", "first_chunk_ms", "latency_ms"}
+    m.final("OK")
+    m.final("OK")
+    m.final("CANCELLED")
+    snap = m.snapshot(queued=7, in_flight=2)
+    assert set(snap) == {"queued", "in_flight", "finals", "histograms", *COUNTERS, *DISTRIBUTIONS}
+    assert set(snap) == {"queued", "in_flight", "finals", "histograms", "completed", "failed", "rejected_backpressure",
+                         "timed_out", "cancelled", "bad_request", "prompt_tokens", "generated_tokens", "queue_ms",
+                         "first_chunk_ms", "inter_chunk_ms", "latency_ms"}
+    assert snap["finals"] == {"OK": 2, "CANCELLED": 1}
     assert snap["queued"] == 7
     assert snap["in_flight"] == 2
     assert (snap["completed"], snap["failed"], snap["rejected_backpressure"], snap["timed_out"],
             snap["cancelled"], snap["bad_request"]) == (3, 1, 2, 4, 5, 6)
     assert snap["queue_ms"] == {"count": 0}
+    assert snap["histograms"]["latency_ms"]["count"] == 2
     assert snap["first_chunk_ms"] == {"count": 0}
     assert snap["latency_ms"]["count"] == 2
     assert snap["latency_ms"]["mean"] == 20.0

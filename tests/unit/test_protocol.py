@@ -224,7 +224,7 @@ def test_check_fields_unknown_field():
     assert info.value.request_id == "r1"
 
 
-@pytest.mark.parametrize("missing", ["id", "deployment", "prompt"])
+@pytest.mark.parametrize("missing", ["id", "deployment"])
 def test_check_fields_missing_required(missing):
     body = {"id": 4, "deployment": "d", "prompt": "p"}
     del body[missing]

@@ -1,0 +1,3 @@
+from inferd.gateway.process import main
+
+main()
