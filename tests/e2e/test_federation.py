@@ -7,11 +7,14 @@ be exactly what the second answers when asked directly, greedy or seeded samplin
 
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("torch")
 
-from tests.daemon import echo_config, free_port  # noqa: E402
+from tests.daemon import echo_config, free_port, wait_for  # noqa: E402
 from tests.e2e.test_torch import torch_deployment  # noqa: E402
 
 KEY = "sk-federation-7777"
@@ -40,7 +43,9 @@ def test_a_remote_deployment_on_inferds_own_gateway_streams_what_the_other_daemo
                          start=False)
     second.start(wait=False)
     second.wait_ready(90)
-    first = make_daemon(echo_config(replicas=1, extra=federated(f"http://127.0.0.1:{port}/v1")))
+    near_port = free_port()
+    first = make_daemon(echo_config(replicas=1, extra=federated(f"http://127.0.0.1:{port}/v1")
+                                    + f"\n[gateway]\nport = {near_port}\n"))
     with first.client() as near, second.client() as far:
         for prompt in PROMPTS:
             assert near.complete("fed-echo", prompt) == far.complete("echo", prompt)
@@ -50,3 +55,18 @@ def test_a_remote_deployment_on_inferds_own_gateway_streams_what_the_other_daemo
         stream = near.generate("fed-tiny", "Hello", max_tokens=5)
         assert "".join(c.text for c in stream) == far.complete("tiny", "Hello", max_tokens=5)
         assert stream.finish_reason == "length"
+    # The first daemon's Prometheus metrics count what its providers did (the figures ride heartbeats).
+    def upstream_figures() -> dict:
+        reply = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{near_port}/metrics",
+                                                              headers={"Authorization": f"Bearer {KEY}"}), timeout=5)
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(reply.read().decode()) for s in family.samples
+                if s.name.startswith("inferd_upstream")}
+    calls = 2 * len(PROMPTS) + 1
+    figures = wait_for(lambda: (f := upstream_figures()).get(
+        ("inferd_upstream_responses_total", (("deployment", "fed-tiny"), ("status", "200")))) == calls and f, 5,
+        what="the upstream figures in /metrics")
+    assert figures[("inferd_upstream_time_to_first_token_seconds_count", (("deployment", "fed-tiny"),))] == calls
+    assert figures[("inferd_upstream_attempts_total", (("deployment", "fed-echo"),))] == len(PROMPTS)
+    assert figures[("inferd_upstream_up", (("deployment", "fed-tiny"), ("upstream", f"http://127.0.0.1:{port}/v1"),
+                                           ("worker", "fed-tiny-0")))] == 1

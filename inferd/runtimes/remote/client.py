@@ -34,7 +34,7 @@ from typing import Any, Callable
 import aiohttp
 
 from inferd.errors import ErrorCode
-from inferd.metrics import Distribution
+from inferd.metrics import REQUEST_BUCKETS_S, TTFT_BUCKETS_S, Distribution
 from inferd.protocol import FINISH_LENGTH, FINISH_STOP
 from inferd.runtimes.base import Output, RunRequest
 from inferd.runtimes.remote.retry import plan_retry, retry_after_s, should_retry
@@ -97,13 +97,16 @@ class Stats:
         self.failovers = 0
         self.status: collections.Counter = collections.Counter()
         self.errors: collections.Counter = collections.Counter()
-        self.first_token_ms = Distribution()   # from the attempt's start to its first token
-        self.latency_ms = Distribution()       # from the first attempt to the final output, when it succeeds
+        self.first_token_ms = Distribution(TTFT_BUCKETS_S)     # from the attempt's start to its first token
+        self.latency_ms = Distribution(REQUEST_BUCKETS_S)      # first attempt to final output, when it succeeds
 
     def report(self) -> dict[str, Any]:
         return {"attempts": self.attempts, "retries": self.retries, "failovers": self.failovers,
                 "status": {str(k): v for k, v in sorted(self.status.items())}, "errors": dict(self.errors),
-                "first_token_ms": self.first_token_ms.summary(), "latency_ms": self.latency_ms.summary()}
+                "first_token_ms": self.first_token_ms.summary(), "latency_ms": self.latency_ms.summary(),
+                # Fixed buckets, which add up across workers: what the gateway exports to Prometheus.
+                "first_token_histogram": self.first_token_ms.histogram(),
+                "latency_histogram": self.latency_ms.histogram()}
 
 
 class UpstreamClient:
