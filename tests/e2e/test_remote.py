@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
 from inferd import errors
-from tests.daemon import wait_for
+from tests.daemon import free_port, wait_for
 from tests.fake_upstream import FakeUpstream
 
 KEY = "sk-e2e-secret-4242424242"
@@ -21,8 +23,9 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta"
 
 
 def remote_config(upstream: FakeUpstream, options: str = "", max_concurrency: int = 8, deployment: str = "",
-                  node: str = "") -> str:
-    return f"""
+                  node: str = "", gateway_port: int | None = None) -> str:
+    gateway = f"[gateway]\nport = {gateway_port}\napi_keys_env = \"INFERD_TEST_NO_KEYS\"\n" if gateway_port else ""
+    return gateway + f"""
 [daemon]
 log_level = "debug"
 restart_backoff_min_ms = 50
@@ -128,7 +131,19 @@ def test_killing_the_remote_worker_mid_stream_gives_finals_and_a_restart(make_da
         slow.stop()
 
 
-def test_upstream_down_and_back_no_restart_storm_typed_errors_recovery(remote_daemon, upstream):
+def test_upstream_down_and_back_no_restart_storm_typed_errors_recovery(make_daemon, upstream, monkeypatch):
+    monkeypatch.setenv("INFERD_TEST_KEY", KEY)
+    monkeypatch.delenv("INFERD_TEST_NO_KEYS", raising=False)
+    port = free_port()
+    remote_daemon = make_daemon(remote_config(upstream, gateway_port=port))
+
+    def ready() -> tuple[int, dict]:
+        try:
+            reply = urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5)
+        except urllib.error.HTTPError as exc:
+            reply = exc
+        return reply.status, json.loads(reply.read())
+
     pid = remote_daemon.worker("cloud-0")["pid"]
     with remote_daemon.client() as client:
         assert client.complete("cloud", WORDS) == WORDS
@@ -142,11 +157,15 @@ def test_upstream_down_and_back_no_restart_storm_typed_errors_recovery(remote_da
         status = wait_for(lambda: (s := remote_daemon.status())["deployments"]["cloud"]["state"] == "degraded" and s,
                           5, what="the deployment to show degraded")
         assert status["ready"]                            # degraded, still serving what it can
+        code, body = wait_for(lambda: (r := ready())[1]["deployments"]["cloud"]["state"] == "degraded" and r, 5,
+                              what="/ready to show the deployment degraded")
+        assert code == 200 and "failure(s) in a row" in body["deployments"]["cloud"]["problems"][0]
         worker = status["workers"][0]
         assert (worker["pid"], worker["restarts"], worker["state"]) == (pid, 0, "ready")
         upstream.up()
         wait_for(lambda: remote_daemon.status()["deployments"]["cloud"]["state"] == "healthy", 10,
                  what="the deployment to recover by itself")
+        assert ready()[1]["deployments"]["cloud"]["state"] == "healthy"
         assert client.complete("cloud", WORDS) == WORDS
     final = remote_daemon.worker("cloud-0")
     assert (final["pid"], final["restarts"]) == (pid, 0)
