@@ -129,6 +129,18 @@ def _submit_body(cid: int, deployment: str, prompt: str | None, priority: int | 
     return body
 
 
+def _merge_params(params: dict[str, Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Runtime params given as ``params={...}``, as keywords, or both (a key given twice is an error)."""
+    if params is None:
+        return kwargs
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict of runtime params, got {type(params).__name__}")
+    twice = sorted(set(params) & set(kwargs))
+    if twice:
+        raise TypeError(f"runtime param(s) {', '.join(twice)} given both in params= and as keywords")
+    return {**params, **kwargs}
+
+
 def _gap(expected: int, body: dict[str, Any]) -> errors.ConnectionReset | None:
     """A CHUNK whose index skips, or a DONE whose count differs: messages were lost in a reset."""
     if "index" in body:
@@ -219,13 +231,17 @@ class Client:
         self._sock.close(0)
 
     def generate(self, deployment: str, prompt: str, *, priority: int | None = None,
-                 deadline_ms: int | None = None, affinity: str | None = None, **params: Any) -> "Stream":
+                 deadline_ms: int | None = None, affinity: str | None = None, params: dict[str, Any] | None = None,
+                 **kwargs: Any) -> "Stream":
         """Submit a request now and return its stream of :class:`Chunk`.
 
         Errors the broker answers at once (BACKPRESSURE, UNKNOWN_DEPLOYMENT,
         BAD_REQUEST) raise when the stream is first iterated, so that many
         requests can be submitted without waiting for each answer.
+
+        Runtime params go as keywords (``max_tokens=8``) or as a dict (``params={"max_tokens": 8}``).
         """
+        params = _merge_params(params, kwargs)
         cid = next(self._ids)
         frames = P.encode(P.CLIENT, P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms,
                                                              affinity, params))
@@ -533,8 +549,10 @@ class AsyncClient:
 
     async def generate(self, deployment: str, prompt: str, *, priority: int | None = None,
                        deadline_ms: int | None = None, affinity: str | None = None,
-                       **params: Any) -> AsyncIterator[Chunk]:
-        """Submit a request and yield its chunks; leaving the loop early cancels it."""
+                       params: dict[str, Any] | None = None, **kwargs: Any) -> AsyncIterator[Chunk]:
+        """Submit a request and yield its chunks; leaving the loop early cancels it.
+        Runtime params go as keywords or as ``params={...}``."""
+        params = _merge_params(params, kwargs)
         last: Chunk | None = None
         # aclosing: leaving this loop early must close (and so cancel) the request now, not at collection.
         async with contextlib.aclosing(self.request(deployment, prompt, priority=priority, deadline_ms=deadline_ms,

@@ -64,6 +64,11 @@ class DaemonConfig:
     escalation_max: int = _opt(10, kind=int, expect="an integer between 1 and 100000",
                                check=lambda v: 1 <= v <= 100_000)
     escalation_window_s: float = _opt(60.0, kind=float, expect="a number of seconds > 0", check=_positive)
+    # Under systemd: while workers load, the start (and reload) timeout is extended by
+    # EXTEND_TIMEOUT_USEC, up to this long after the start.
+    start_timeout_s: float = _opt(600.0, kind=float, expect="a number of seconds > 0", check=_positive)
+    # Test-only: SIGUSR2 wedges the supervisor's main loop, so that WatchdogSec can be tested.
+    fault_injection: bool = _opt(False, kind=bool, expect="true or false")
 
 
 @dataclass(frozen=True)

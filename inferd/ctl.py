@@ -16,12 +16,17 @@ from typing import Any
 import click
 import zmq
 
-from inferd import __version__, curve, errors, protocol as P
+from inferd import __version__, curve, errors, exitcodes, protocol as P, runtimes
 from inferd.client import Client
 from inferd.paths import daemon_alive, default_runtime_dir
 
 EXIT_ERROR = 1
 EXIT_NOT_RUNNING = 3
+EXIT_CONFIG = exitcodes.CONFIG  # a bad config, as `inferd --check` says it
+
+
+class BadConfig(Exception):
+    """A config refused as `inferd --check` would refuse it: inferctl exits 78."""
 
 
 class CtlError(Exception):
@@ -82,8 +87,8 @@ class Ctx:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--runtime-dir", type=click.Path(file_okay=False), envvar="INFERD_RUNTIME_DIR",
-              help="The daemon's runtime dir (default: $INFERD_RUNTIME_DIR, /run/inferd for root, "
-                   "else $XDG_RUNTIME_DIR/inferd).")
+              help="The daemon's runtime dir. Default: $INFERD_RUNTIME_DIR, else /run/inferd for root, "
+                   "else $XDG_RUNTIME_DIR/inferd, else /tmp/inferd-$UID.")
 @click.option("--timeout", "timeout_s", type=float, default=3.0, show_default=True,
               help="Seconds to wait for the daemon to answer.")
 @click.option("--endpoint", envvar="INFERD_ENDPOINT",
@@ -115,6 +120,10 @@ def status(obj: Ctx, as_json: bool) -> None:
                f"{d.get('state', '?')}  {'READY' if st['ready'] else 'NOT READY'}")
     click.echo(f"runtime dir {d.get('runtime_dir', obj.runtime_dir)}  config {d.get('config', '?')}")
     click.echo(f"devices: {d.get('devices', 'unknown')}")
+    reload_state = d.get("reload") or {}
+    if reload_state.get("state") in ("applying", "refused"):  # what a reload is doing, or why it was refused
+        click.echo(f"reload {reload_state['generation']}: {reload_state['state']}: {reload_state.get('note', '')}"
+                   + (f" (pending: {'; '.join(reload_state['pending'])})" if reload_state.get("pending") else ""))
     click.echo(f"broker pid {b['pid']}  {b['state']}  up {b['uptime_s']} s  "
                f"restarts {d.get('broker_restarts', 0)}")
     gw = d.get("gateway")
@@ -200,7 +209,7 @@ def _dry_run(config_path: str) -> tuple[list[dict[str, Any]], str]:
         source, _, plans = plan_node(load(config_path))
     except (ConfigError, PlacementError) as exc:
         kind = "bad config" if isinstance(exc, ConfigError) else type(exc).__name__
-        raise CtlError(f"{kind}: {exc}") from None
+        raise BadConfig(f"{kind}: {exc}") from None
     rows = [{"id": p.id, "deployment": p.deployment, "node": p.node, "device": p.device_ids, "placed_by": p.why}
             for p in plans]
     return rows, source.note
@@ -248,6 +257,67 @@ def rebuild(obj: Ctx, deployment: str, wait: bool, wait_timeout: float) -> None:
             raise CtlError(f"not rebuilt after {wait_timeout:g} s: {', '.join(sorted(asked))}")
 
 
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Reload from this file (read by the daemon) instead of the file it runs; later reloads "
+                   "read it too.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until the reload is applied: new workers ready, old ones drained.")
+@click.option("--wait-timeout", type=float, default=600.0, show_default=True, help="Seconds to wait at most.")
+@click.pass_obj
+def reload(obj: Ctx, config_path: str | None, wait: bool, wait_timeout: float) -> None:
+    """Reload the daemon's config, applying only what changed (like SIGHUP or `systemctl reload inferd`).
+
+    The new config is validated and placed first, exactly as `inferd --check` does: a bad one is refused
+    (exit 78, with the reason) and the running config keeps serving. Then new deployments start,
+    removed ones drain, queue and routing settings change in place, changed runtimes, models and options
+    roll the workers one at a time, and replicas scale.
+    """
+    fields = {"config": str(Path(config_path).absolute())} if config_path else {}
+    answer = obj.call(P.RELOAD, **fields)
+    click.echo(answer["message"])
+    generation = answer.get("generation")
+    deadline = time.monotonic() + wait_timeout
+    while wait:
+        state = obj.call(P.STATUS)["daemon"].get("reload", {})
+        if state.get("generation") != generation or state.get("state") != "applying":
+            click.echo(f"reload {generation}: done")
+            return
+        if time.monotonic() > deadline:
+            raise CtlError(f"reload {generation} not done after {wait_timeout:g} s; pending: "
+                           f"{'; '.join(state.get('pending', [])) or '?'}")
+        time.sleep(0.1)
+
+
+@cli.command()
+@click.argument("deployment")
+@click.argument("replicas", type=click.IntRange(1, 256))
+@click.pass_obj
+def scale(obj: Ctx, deployment: str, replicas: int) -> None:
+    """Run REPLICAS workers of DEPLOYMENT, starting or draining workers as needed.
+
+    This lasts until the next reload or restart of inferd, which go back to the config file's
+    `replicas`: edit the file to make it last.
+    """
+    click.echo(obj.call(P.SCALE, deployment=deployment, replicas=replicas)["message"])
+
+
+@cli.command()
+@click.argument("target", metavar="WORKER|DEPLOYMENT")
+@click.option("--restart", "then", flag_value="restart", help="Start it again once drained.")
+@click.option("--stop", "then", flag_value="stop", default=True,
+              help="Leave it stopped once drained, until `inferctl restart WORKER` (the default).")
+@click.pass_obj
+def drain(obj: Ctx, target: str, then: str) -> None:
+    """Stop giving WORKER (or each worker of DEPLOYMENT) new requests and let its requests finish.
+
+    Then it stops and stays stopped until `inferctl restart WORKER`, or with --restart it starts again
+    at once (a graceful restart). Requests that arrive meanwhile go to the deployment's other workers,
+    or wait in its queue.
+    """
+    click.echo(obj.call(P.DRAIN_WORKERS, target=target, then=then)["message"])
+
+
 def _ms(dist: dict[str, Any], key: str) -> str:
     return f"{dist[key]:.1f}" if key in dist else "-"
 
@@ -292,18 +362,49 @@ def _param(value: str) -> Any:
     return value
 
 
-@cli.command()
+def _params_help() -> str:
+    """Each runtime's request params, for `generate --help` (test-only ones, such as fault, left out)."""
+    lines = []
+    for spec in runtimes.SPECS.values():
+        public = {k: p for k, p in spec.params.items() if k not in spec.gated}
+        lines.append(f"{spec.name}: " + "; ".join(f"{k} ({p.expect})" for k, p in sorted(public.items())))
+    return "\n".join(lines)
+
+
+def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise click.UsageError("give PROMPT or --prompt-file, not both")
+    source = prompt_file if prompt_file is not None else prompt if prompt is not None else "-"
+    if prompt_file is None and source != "-":
+        return source
+    if source == "-":
+        if sys.stdin.isatty():
+            click.echo("inferctl: reading the prompt from stdin (end with Ctrl-D)", err=True)
+        return sys.stdin.read()
+    try:
+        with open(source, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise CtlError(f"cannot read the prompt from {source}: {exc.strerror}") from None
+
+
+@cli.command(epilog="\b\nRuntime params (-p KEY=VALUE):\n" + _params_help())
 @click.argument("deployment")
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option("-f", "--prompt-file", metavar="FILE", help="Read the prompt from FILE ('-': stdin).")
 @click.option("--priority", type=int, help="0 is the most urgent.")
 @click.option("--deadline-ms", type=int, help="Shortens the deployment's default deadline.")
 @click.option("--affinity", help="Session key for sticky routing.")
 @click.option("--max-tokens", type=int, help="At most this many tokens (echo: words).")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="A runtime param; repeatable.")
 @click.pass_obj
-def generate(obj: Ctx, deployment: str, prompt: str, priority: int | None, deadline_ms: int | None,
-             affinity: str | None, max_tokens: int | None, params: tuple[str, ...]) -> None:
-    """Stream DEPLOYMENT's output for PROMPT to stdout as it arrives."""
+def generate(obj: Ctx, deployment: str, prompt: str | None, prompt_file: str | None, priority: int | None,
+             deadline_ms: int | None, affinity: str | None, max_tokens: int | None, params: tuple[str, ...]) -> None:
+    """Stream DEPLOYMENT's output for PROMPT to stdout as it arrives.
+
+    PROMPT '-' (or none) reads the prompt from stdin; --prompt-file reads it from a file.
+    """
+    prompt = _read_prompt(prompt, prompt_file)
     extra: dict[str, Any] = {}
     for item in params:
         key, sep, value = item.partition("=")
@@ -362,12 +463,15 @@ def main() -> None:
     except CtlError as exc:
         click.echo(f"inferctl: {exc}", err=True)
         sys.exit(EXIT_ERROR)
+    except BadConfig as exc:
+        click.echo(f"inferctl: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     except errors.DaemonNotRunning as exc:
         click.echo(f"inferctl: {exc.message}", err=True)
         sys.exit(EXIT_NOT_RUNNING)
     except errors.InferdError as exc:
         click.echo(f"inferctl: {exc}", err=True)
-        sys.exit(EXIT_ERROR)
+        sys.exit(EXIT_CONFIG if exc.details.get("bad_config") else EXIT_ERROR)
     except KeyboardInterrupt:
         click.echo("\ninferctl: interrupted", err=True)
         sys.exit(130)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from inferd import __version__, curve, exitcodes, runtimes
+from inferd import __version__, curve, exitcodes, runtimes, service
 from inferd.config import Config, ConfigError, load
 from inferd.devices import DeviceSource, discover
 from inferd.paths import Endpoints, RuntimeDirBusy, RuntimeDirError, default_runtime_dir, lock, prepare
@@ -59,7 +59,7 @@ def policy(config: Config, plans: list[WorkerPlan]) -> SupervisionPolicy:
                              escalation_window_s=d.escalation_window_s)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="INFERD_CONFIG",
               default=DEFAULT_CONFIG, show_default=True, help="The TOML config file.")
 @click.option("--runtime-dir", type=click.Path(file_okay=False),
@@ -68,8 +68,14 @@ def policy(config: Config, plans: list[WorkerPlan]) -> SupervisionPolicy:
               help="Overrides the config's daemon.log_level.")
 @click.option("--check", is_flag=True, help="Validate the config, print the worker plan and exit.")
 @click.version_option(__version__, prog_name="inferd")
-def main(config_path: str, runtime_dir: str | None, log_level: str | None, check: bool) -> None:
-    """Run the inferd supervisor in the foreground (systemd, supervisord or a terminal)."""
+@click.pass_context
+def main(ctx: click.Context, config_path: str, runtime_dir: str | None, log_level: str | None, check: bool) -> None:
+    """Run the inferd supervisor in the foreground (systemd, supervisord or a terminal).
+
+    `inferd install-service` installs it as a systemd service running from this environment.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     try:
         config = load(config_path)
     except ConfigError as exc:
@@ -114,4 +120,8 @@ def main(config_path: str, runtime_dir: str | None, log_level: str | None, check
     code = Supervisor(config, endpoints, source, planner, plans, policy(config, plans)).run()
     os.close(lock_fd)
     sys.exit(code)
+
+
+main.add_command(service.install_service)
+main.add_command(service.uninstall_service)
 

@@ -65,10 +65,20 @@ UNRESPONSIVE = b"UNRESPONSIVE"  # broker -> supervisor: silent or hung worker; k
 LOAD = b"LOAD"                # broker -> supervisor: outstanding per worker, queued per deployment
 RESTART = b"RESTART"          # inferctl -> broker -> supervisor: restart a worker, clear its window
 RESTARTED = b"RESTARTED"      # supervisor -> broker: the answer to RESTART
+# Live reload, scale and drain (docs/protocol.md, "Reload, scale and drain").
+RELOAD = b"RELOAD"            # inferctl -> broker: reload the config (forwarded to the supervisor as OPERATOR)
+SCALE = b"SCALE"              # inferctl -> broker: run N workers of a deployment until the next reload
+DRAIN_WORKERS = b"DRAIN_WORKERS"  # inferctl -> broker: drain a worker or every worker of a deployment
+OPERATOR = b"OPERATOR"        # broker -> supervisor: an operator command (RELOAD, SCALE, DRAIN_WORKERS), with a token
+ANSWER = b"ANSWER"            # supervisor -> broker: the answer to OPERATOR
+CONFIG = b"CONFIG"            # supervisor -> broker: a reloaded config to apply in place
+DRAIN_WORKER = b"DRAIN_WORKER"  # supervisor -> broker: stop dispatching to a worker; say when it is idle
+WORKER_DRAINED = b"WORKER_DRAINED"  # broker -> supervisor: that worker has nothing in flight
+REMOVED = b"REMOVED"          # broker -> supervisor: a deployment removed by a reload has drained
 
 CLIENT_COMMANDS = frozenset({SUBMIT, CANCEL, PING})
 WORKER_COMMANDS = frozenset({READY, HEARTBEAT, CHUNKS, DONE, ERROR})
-CONTROL_COMMANDS = frozenset({STATUS, METRICS, RESTART, REBUILD})
+CONTROL_COMMANDS = frozenset({STATUS, METRICS, RESTART, REBUILD, RELOAD, SCALE, DRAIN_WORKERS})
 
 # Finish reasons carried by DONE (and by the last CHUNK when the runtime knows it is last).
 FINISH_STOP = "stop"          # the output ended on its own (end of text, a stop string)

@@ -78,9 +78,17 @@ class BoundedPriorityQueue(Generic[T]):
 
     def requeue(self, item: T, priority: int) -> Entry[T]:
         """Put an admitted item back at the head of its level, ignoring the bound."""
+        return self._admitted(item, priority, head=True)
+
+    def append(self, item: T, priority: int) -> Entry[T]:
+        """Put an admitted item at the tail of its level, ignoring the bound: a reload moving
+        queued items to a smaller queue keeps them all, and only newcomers are refused."""
+        return self._admitted(item, priority, head=False)
+
+    def _admitted(self, item: T, priority: int, head: bool) -> Entry[T]:
         self._check_priority(priority)
         entry = Entry(item, priority)
-        self._levels[priority].appendleft(entry)
+        (self._levels[priority].appendleft if head else self._levels[priority].append)(entry)
         self._live[priority] += 1
         self._len += 1
         return entry

@@ -149,6 +149,28 @@ class SupervisionPolicy:
                                    f"{self.intensity.within_s:g} s across all children")
         return Decision(RESTART_AFTER, failure, directive, self.backoffs[child].next_delay(uptime_s))
 
+    def limit(self, child: str, limits: Limits) -> None:
+        """A new child (a reload, a scale-up), or new limits for one: a fresh window."""
+        window = self.windows.get(child)
+        if window is None or (window.max_restarts, window.within_s) != (limits.max_restarts, limits.within_s):
+            self.windows[child] = RetryWindow(limits.max_restarts, limits.within_s)
+        if child not in self.backoffs:
+            any_backoff = next(iter(self.backoffs.values()))
+            self.backoffs[child] = Backoff(any_backoff.min_s, any_backoff.max_s, any_backoff.reset_after_s,
+                                           any_backoff.jitter, any_backoff.rng)
+
+    def forget(self, child: str) -> None:
+        self.windows.pop(child, None)
+        self.backoffs.pop(child, None)
+
+    def tune(self, *, backoff_min_s: float, backoff_max_s: float, backoff_reset_s: float, jitter: float,
+             escalation_max: int, escalation_window_s: float) -> None:
+        """New backoff and escalation settings (a reload); the windows' history is kept."""
+        for backoff in self.backoffs.values():
+            backoff.min_s, backoff.max_s, backoff.reset_after_s, backoff.jitter = (
+                backoff_min_s, backoff_max_s, backoff_reset_s, jitter)
+        self.intensity.max_restarts, self.intensity.within_s = escalation_max, escalation_window_s
+
     def clear(self, child: str) -> None:
         """An operator restart: a fresh window and no backoff."""
         self.windows[child].clear()

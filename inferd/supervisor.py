@@ -20,6 +20,14 @@ Shutdown:
   the supervisor exits within about a second.
 
 On exit the ipc socket files are removed, so none misleads a client.
+
+SIGHUP reloads the config (``inferd.live``): only the difference is applied.
+
+Under systemd (``inferd.sdnotify``) the loop reports READY=1 once every
+deployment serves, a one-line STATUS=, RELOADING=1 around a reload,
+EXTEND_TIMEOUT_USEC while workers are still loading, and WATCHDOG=1 at half of
+WatchdogSec: a wedged loop stops sending it, and systemd kills and restarts
+the daemon.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from inferd import __version__, exitcodes, protocol as P
 from inferd.config import Config
 from inferd.devices import DeviceSource, DeviceStats, cuda_visible_devices
 from inferd.failures import Failure, describe_exit, from_exit_status
+from inferd.live import LiveChanges
 from inferd.paths import Endpoints, private_umask, remove_sockets
 from inferd.placement import DeviceKey, PlacementError, Planner, WorkerPlan, on_node
 from inferd.proc import PARENT_ENV, SPEC_ENV
@@ -56,6 +65,10 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 # How long the broker may take to confirm a drain beyond the grace period
 # before the supervisor stops waiting for it.
 DRAIN_SLACK_S = 5.0
+# While workers load (start-up, a reload), systemd's timeout is pushed this far ahead, every
+# EXTEND_EVERY_S: a loop that stops extending it lets the timeout fire soon after.
+EXTEND_BY_S = 10.0
+EXTEND_EVERY_S = 2.0
 # After a second SIGTERM or SIGINT, how long children may take to exit before SIGKILL.
 FAST_STOP_S = 1.0
 
@@ -74,6 +87,7 @@ class Child:
     started_at: float = field(default=0.0)
     killed_for: str | None = None     # why the supervisor SIGKILLed it (hung, silent)
     operator_restart: bool = False    # inferctl restart: respawn at once, outside the policy
+    retire: str | None = None         # why the supervisor is stopping it on purpose (a drain, a reload)
     restart_reasons: Counter = field(default_factory=Counter)  # failure kind (or "operator") -> restarts
 
     @property
@@ -90,7 +104,7 @@ class Child:
                 if self.restart_at is not None else None}
 
 
-class Supervisor:
+class Supervisor(LiveChanges):
     def __init__(self, config: Config, endpoints: Endpoints, source: DeviceSource, planner: Planner,
                  plans: list[WorkerPlan], policy: SupervisionPolicy):
         self.config = config
@@ -104,6 +118,9 @@ class Supervisor:
         self.next_poll = 0.0
         self.notifier = Notifier()
         self.started = time.time()
+        self.started_mono = time.monotonic()
+        self.ready_ids: set[str] = set()   # workers the broker reports ready
+        self.ready_counts: dict[str, int] = {}  # deployment -> ready workers (from the broker)
         self.signals: list[int] = []
         self.phase = "running"          # running -> draining -> stopping
         self.phase_deadline = float("inf")
@@ -125,6 +142,9 @@ class Supervisor:
         with private_umask():
             self.link.bind(endpoints.supervisor)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.next_watchdog = time.monotonic() if self.notifier.watchdog_s else float("inf")
+        self.next_extend = time.monotonic() if self.notifier.enabled else float("inf")
+        self._init_live()
 
     # --- signals: record only -------------------------------------------------------------
 
@@ -133,7 +153,7 @@ class Supervisor:
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR2):
             signal.signal(sig, self._record)
 
     # --- the loop -------------------------------------------------------------------------
@@ -168,6 +188,7 @@ class Supervisor:
             self._handle_signals()
             self._reap()
             self._run_timers()
+            self.run_deferred()
             if self.phase == "stopping" and not self._alive():
                 break
         log.info("inferd stopped (exit status %d)", self.exit_status)
@@ -178,7 +199,7 @@ class Supervisor:
 
     def _next_timer(self) -> float:
         times = [c.restart_at for c in self._children() if c.restart_at is not None]
-        return min([self.phase_deadline, self.next_poll, *times])
+        return min([self.phase_deadline, self.next_poll, self.next_watchdog, self.next_extend, *times])
 
     def _children(self) -> list[Child]:
         return [self.broker, *([self.gateway] if self.gateway else []), *self.workers]
@@ -192,7 +213,10 @@ class Supervisor:
             if sig == signal.SIGCHLD:
                 continue  # _reap runs after every wake-up
             if sig == signal.SIGHUP:
-                log.info("SIGHUP: configuration reload is not supported yet; ignored")
+                log.info("SIGHUP: reloading %s", self.config.path)
+                self.reload()
+            elif sig == signal.SIGUSR2:
+                self._wedge()
             elif self.phase != "running":
                 log.warning("%s during shutdown: stopping now", signal.Signals(sig).name)
                 self._stop_now()
@@ -201,11 +225,22 @@ class Supervisor:
                 log.info("%s: draining (grace %.1f s)", signal.Signals(sig).name, grace)
                 self._begin_drain(grace)
 
+    def _wedge(self) -> None:
+        """Fault injection (test-only): stop the main loop for good, as a bug might, so that
+        systemd's watchdog is seen to kill and restart the daemon."""
+        if not self.config.daemon.fault_injection:
+            log.warning("SIGUSR2 ignored: it wedges the main loop only with [daemon] fault_injection = true")
+            return
+        log.critical("fault injection: the main loop wedges now (no more WATCHDOG=1)")
+        while True:
+            time.sleep(3600)
+
     # --- shutdown -------------------------------------------------------------------------
 
     def _begin_drain(self, grace: float) -> None:
         self.phase = "draining"
         self.notifier.notify(stopping="1", status="draining")
+        self.next_extend = 0.0  # at once: the stop timeout now follows drain_grace_s
         self._publish()
         if self.broker_peer is None or self.broker.proc is None:
             self._begin_stop()
@@ -244,6 +279,18 @@ class Supervisor:
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        if now >= self.next_watchdog:  # from this loop only: a wedged loop stops it
+            self.notifier.notify(watchdog="1")
+            self.next_watchdog = now + self.notifier.watchdog_s
+        if now >= self.next_extend:
+            self.next_extend = now + EXTEND_EVERY_S
+            loading = any(c.proc is not None and c.name not in self.ready_ids for c in self.workers)
+            starting = not self.all_ready_once and now - self.started_mono < self.config.daemon.start_timeout_s
+            # A drain and the stop after it are bounded by drain_grace_s and stop_timeout_s: the
+            # stop timeout follows them, whatever TimeoutStopSec says.
+            stopping = self.phase != "running" and now < self.phase_deadline < float("inf")
+            if stopping or (self.phase == "running" and loading and (starting or self.reload_state == "applying")):
+                self.notifier.extend_timeout(EXTEND_BY_S)
         if now >= self.next_poll:
             self.next_poll = now + self.config.devices.poll_interval_ms / 1000
             self.stats = self._sample()
@@ -261,7 +308,10 @@ class Supervisor:
         for child in self._children():
             if child.restart_at is not None and now >= child.restart_at:
                 child.restart_at = None
-                child.restarts += 1
+                if child.operator_restart:  # asked for, not a failure: not counted
+                    child.operator_restart = False
+                else:
+                    child.restarts += 1
                 if child.plan is not None:
                     self._place_again(child)
                 self._spawn(child)
@@ -278,8 +328,8 @@ class Supervisor:
         for child in self.workers:
             if child is exclude:
                 continue
-            dep = self.config.deployment(child.plan.deployment)
-            share = self.worker_load.get(child.name, 0) + self.queued.get(dep.name, 0) / dep.replicas
+            replicas = max(1, sum(1 for c in self.workers if c.plan.deployment == child.plan.deployment))
+            share = self.worker_load.get(child.name, 0) + self.queued.get(child.plan.deployment, 0) / replicas
             for device in child.plan.devices:
                 key = (child.plan.node, device.id)
                 load[key] = load.get(key, 0.0) + share
@@ -287,7 +337,10 @@ class Supervisor:
 
     def _place_again(self, child: Child) -> None:
         """A restarting replica is placed by its deployment's policy with today's stats and load."""
-        dep = self.config.deployment(child.plan.deployment)
+        try:
+            dep = self.config.deployment(child.plan.deployment)
+        except KeyError:  # removed by a reload: it stays where it was
+            return
         placed = Counter((c.plan.node, d.id) for c in self.workers if c is not child for d in c.plan.devices)
         try:
             plan = self.planner.place_again(dep, child.plan, self.stats, self.device_load(exclude=child), placed)
@@ -336,18 +389,26 @@ class Supervisor:
             failure = Failure.UNKNOWN if child.killed_for else from_exit_status(status)
             child.last_exit = f"killed: {child.killed_for}" if child.killed_for else describe_exit(status)
             child.killed_for = None
+            expected = (child.retire or ("an operator restart" if child.operator_restart else None)
+                        if self.phase == "running" else "shutdown")
+            self.ready_ids.discard(child.name)
             if child is self.broker:
                 self.broker_peer = None
             elif child.plan is not None:
-                self._to_broker(P.WORKER_EXITED, {"worker": child.name, "pid": pid, "status": status})
+                self._to_broker(P.WORKER_EXITED, {"worker": child.name, "pid": pid, "status": status,
+                                                  "expected": expected})
             if self.phase != "running":
                 log.info("%s (pid %d) %s", child.name, pid, child.last_exit)
                 child.state = "stopped"
             elif child.operator_restart:
                 log.info("%s (pid %d) stopped for an operator restart", child.name, pid)
-                child.operator_restart = False
+                child.last_exit = "stopped for an operator restart"
                 child.restart_reasons["operator"] += 1
                 child.state, child.restart_at = "restarting", now
+            elif child.retire:
+                log.info("%s (pid %d) stopped: %s", child.name, pid, child.retire)
+                child.state, child.last_exit = "stopped", f"stopped: {child.retire}"
+                self.expected_exit(child)
             else:
                 self._decide(child, pid, failure, now)
             if child.plan is not None or child is self.gateway:
@@ -370,6 +431,7 @@ class Supervisor:
                       child.last_exit, decision.reason, child.name)
             child.state = "failed"
             child.last_exit = f"{child.last_exit}; {decision.reason}"
+            self.start_failed(child, child.last_exit)
         else:  # the daemon-wide intensity is spent, or the broker keeps dying: systemd takes over
             why = decision.reason if decision.action == SHUTDOWN else f"the broker {decision.reason}"
             log.critical("%s (pid %d) %s; giving up: %s", child.name, pid, child.last_exit, why)
@@ -388,7 +450,8 @@ class Supervisor:
             peer, rest = frames[0], frames[1:]
             try:
                 command, body = P.decode(P.SUPERVISOR, rest, frozenset({
-                    P.HELLO, P.READINESS, P.DRAINED, P.UNRESPONSIVE, P.RESTART, P.LOAD}))
+                    P.HELLO, P.READINESS, P.DRAINED, P.UNRESPONSIVE, P.RESTART, P.LOAD, P.OPERATOR,
+                    P.WORKER_DRAINED, P.REMOVED}))
             except P.ProtocolError as exc:
                 log.error("malformed message on the supervisor link: %s", exc.reason)
                 continue
@@ -396,13 +459,28 @@ class Supervisor:
                 self.broker_peer = peer
                 log.info("broker up (pid %s)", body.get("pid"))
                 self._publish()
+                self.broker_restarted()
                 if self.phase == "draining":  # a broker restarted mid-drain has nothing in flight
                     self._begin_stop()
             elif command == P.READINESS:
+                ready = body.get("workers")
+                if isinstance(ready, list):
+                    self.ready_ids = {str(w) for w in ready}
+                    self.on_worker_ready(sorted(self.ready_ids))
                 self._on_readiness(body.get("deployments", {}))
             elif command == P.DRAINED and self.phase == "draining":
-                log.info("drain complete")
+                failed = body.get("failed") or 0
+                if failed:
+                    log.warning("drain grace ran out: %d request(s) failed with SHUTTING_DOWN", failed)
+                else:
+                    log.info("drain complete")
                 self._begin_stop()
+            elif command == P.WORKER_DRAINED:
+                self.on_worker_drained(str(body.get("worker")))
+            elif command == P.REMOVED:
+                self.on_deployment_removed(str(body.get("deployment")))
+            elif command == P.OPERATOR:
+                self._operator(body)
             elif command == P.LOAD:
                 self.worker_load = body.get("workers", {})
                 self.queued = body.get("queued", {})
@@ -433,23 +511,47 @@ class Supervisor:
         was = child.state
         self.policy.clear(name)
         log.info("operator restart of %s (was %s)", name, was)
-        if child.proc is None:
+        if child.proc is None:  # asked for: not counted as a restart after a failure
             child.restart_reasons["operator"] += 1
-            child.state, child.restart_at = "restarting", time.monotonic()
+            child.state, child.restart_at, child.operator_restart = "restarting", time.monotonic(), True
         else:
             child.operator_restart = True
             child.proc.terminate()
         return True, f"restarting {name} (was {was})"
 
+    def _operator(self, body: dict[str, Any]) -> None:
+        """An operator command relayed by the broker (inferctl reload, scale, drain): act, then answer."""
+        command, details, result = body.get("command"), {}, {}
+        if command == "RELOAD":
+            ok, message, extra = self.reload(body.get("config"))
+            (result if ok else details).update(extra)
+        elif command == "SCALE":
+            ok, message = self.scale(str(body.get("deployment")), int(body.get("replicas", 0)))
+        elif command == "DRAIN_WORKERS":
+            ok, message = self.drain_target(str(body.get("target")), str(body.get("then") or "stop"))
+        else:
+            ok, message = False, f"unknown operator command {command!r}"
+        self._to_broker(P.ANSWER, {"token": body.get("token"), "ok": ok, "message": message,
+                                   "details": details, "result": result})
+
     def _on_readiness(self, ready: dict[str, int]) -> None:
-        summary = ", ".join(f"{name} {count}/{self.config.deployment(name).replicas}"
-                            for name, count in ready.items())
+        self.ready_counts = {name: count for name, count in ready.items()}
         if all(ready.values()) and not self.all_ready_once:
             self.all_ready_once = True
-            log.info("serving: %s", summary)
-            self.notifier.notify(ready="1", status=f"serving: {summary}")
+            log.info("%s", self._status_line())
+            self.notifier.notify(ready="1", status=self._status_line())
         else:
-            self.notifier.notify(status=f"workers ready: {summary}")
+            self.notifier.notify(status=self._status_line())
+
+    def _status_line(self) -> str:
+        """systemd's STATUS=: one line, what `systemctl status` shows."""
+        counts = self.ready_counts
+        summary = ", ".join(f"{d.name} {counts.get(d.name, 0)}/{d.replicas}" for d in self.config.deployments)
+        if self.reload_state == "applying":
+            return f"reloading ({self.reload_note}); ready: {summary}"
+        state = "serving" if self.all_ready_once and all(counts.get(d.name) for d in self.config.deployments) \
+            else "starting" if not self.all_ready_once else "degraded"
+        return f"{state}: {summary}"
 
     def _to_broker(self, command: bytes, body: dict[str, Any]) -> None:
         if self.broker_peer is None:
@@ -465,7 +567,9 @@ class Supervisor:
             "daemon": {"pid": os.getpid(), "version": __version__, "config": self.config.path,
                        "runtime_dir": str(self.endpoints.runtime_dir), "state": self.phase,
                        "started_at": self.started, "devices": self.source.note, "node": self.config.node.name,
-                       "broker_restarts": self.broker.restarts, "gateway": self._gateway_row()},
+                       "broker_restarts": self.broker.restarts, "gateway": self._gateway_row(),
+                       "reload": {"generation": self.reload_generation, "state": self.reload_state,
+                                  "note": self.reload_note, "pending": self.transitions.pending()}},
             "devices": self._device_rows(),
             "workers": [c.row() for c in self.workers],
         })

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from inferd import __version__, exitcodes, failures, protocol as P, runtimes
+from inferd.broker import reconfigure
 from inferd.config import Config, DeploymentConfig
 from inferd.errors import ErrorCode
 from inferd.broker.delivery import FULL, GONE, SENT, HeldClient
@@ -84,6 +85,7 @@ class WorkerRecord:
     rebuilds: int = 0             # model sessions rebuilt (inferctl rebuild)
     failure: str | None = None    # what it reported in band before going down
     runner: dict[str, Any] = field(default_factory=dict)  # the runtime's own load report
+    draining: bool = False        # no new work: a reload, scale-down or `inferctl drain` retires it
     # Kept as plain attributes, not properties: a routing policy reads them for every worker
     # of the pool on every dispatch. recount() after any change to requests, credits or state.
     outstanding: int = 0
@@ -91,7 +93,12 @@ class WorkerRecord:
 
     def recount(self) -> None:
         self.outstanding = len(self.requests)
-        self.free = max(0, self.credits - self.outstanding) if self.state == "ready" else 0
+        self.free = max(0, self.credits - self.outstanding) if self.serving else 0
+
+    @property
+    def serving(self) -> bool:
+        """Ready and not being drained: a routing policy may give it work."""
+        return self.state == "ready" and not self.draining
 
     def hold(self, req: Request) -> None:
         self.requests[req.rid] = req
@@ -122,7 +129,7 @@ class Deployment:
         self.available = True
 
     def ready_workers(self) -> int:
-        return sum(1 for w in self.workers.values() if w.state == "ready")
+        return sum(1 for w in self.workers.values() if w.serving)
 
 
 def make_router(dep: DeploymentConfig) -> RoutingPolicy:
@@ -158,7 +165,8 @@ class BrokerCore:
         self.draining = False
         self._drain_deadline = math.inf
         self._drained_sent = False
-        self._readiness: dict[str, int] = {}
+        self._drain_failed = 0         # requests failed because the drain's grace ran out
+        self._readiness: tuple[dict[str, int], list[str]] = ({}, [])
         # The supervisor's answers to operator commands, for the process loop to relay.
         self.control_replies: list[dict[str, Any]] = []
         # Worker id -> pid of a process reported unresponsive, which may not register again.
@@ -169,6 +177,10 @@ class BrokerCore:
         self._to_cut: list[bytes] = []
         self._hold_s = config.broker.client_hold_s
         self._peer_log = RateLimitedLog(log, clock=clock)
+        # Reload, scale and drain (inferd.broker.reconfigure): deployments removed by a reload,
+        # draining until their deadline, and workers draining for the supervisor.
+        self.retiring: dict[str, tuple[Deployment, float]] = {}
+        self.draining_workers: dict[str, float] = {}   # worker id -> deadline
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -223,8 +235,10 @@ class BrokerCore:
                                 f"{len(held.replies)} final replies it is owed")
         dep = self.deployments.get(body["deployment"])
         if dep is None:
+            removed = " (removed by a reload)" if body["deployment"] in self.retiring else ""
             return self._reject(client, cid, ErrorCode.UNKNOWN_DEPLOYMENT,
-                                f"no deployment named {body['deployment']!r}",
+                                f"no deployment named {body['deployment']!r}{removed}; deployments: "
+                                f"{', '.join(sorted(self.deployments)) or 'none'}",
                                 {"deployments": sorted(self.deployments)})
         cfg = dep.config
         if not dep.available:
@@ -460,6 +474,8 @@ class BrokerCore:
         self._condemned.pop(wid, None)
         self._last_failure.pop(wid, None)
         dep = self.deployments.get(body["deployment"])
+        if dep is None and body["deployment"] in self.retiring:
+            dep = self.retiring[body["deployment"]][0]
         if dep is None:
             self._peer_log.error("worker %s registered for unknown deployment %s", wid[:64],
                                  P.short(body["deployment"]))
@@ -487,11 +503,11 @@ class BrokerCore:
     def _sync_router(self, worker: WorkerRecord) -> None:
         """The routing policy's members are the deployment's registered, ready workers."""
         dep = worker.deployment
-        if worker.state == "ready" and self.workers.get(worker.id) is worker:
+        if worker.serving and self.workers.get(worker.id) is worker:
             dep.router.join(worker.id)
         else:
             dep.router.leave(worker.id)
-        dep.pool = sorted((w for w in dep.workers.values() if w.state == "ready"), key=lambda w: w.id)
+        dep.pool = sorted((w for w in dep.workers.values() if w.serving), key=lambda w: w.id)
 
     @staticmethod
     def _apply_load(worker: WorkerRecord, body: dict[str, Any]) -> bool:
@@ -562,15 +578,19 @@ class BrokerCore:
         self._finish(req, P.ERROR, P.error_body(req.cid, ErrorCode(code), str(body.get("message", "")),
                                                 body.get("details")), counter)
 
-    def on_worker_exited(self, wid: str, pid: int, status: int) -> None:
-        """The supervisor saw the process exit: faster than waiting for missed heartbeats."""
+    def on_worker_exited(self, wid: str, pid: int, status: int, expected: str | None = None) -> None:
+        """The supervisor saw the process exit: faster than waiting for missed heartbeats.
+        ``expected`` says why the supervisor stopped it (an operator restart, a drain): not a loss."""
         worker = self.workers.get(wid)
+        self.draining_workers.pop(wid, None)
         if worker is not None and worker.pid == pid:
             poisoned = status == exitcodes.WORKER_POISONED
-            self._lose_worker(worker, failures.describe_exit(status),
-                              ErrorCode.CONTEXT_POISONED if poisoned else ErrorCode.WORKER_LOST)
+            self._lose_worker(worker, expected or failures.describe_exit(status),
+                              ErrorCode.CONTEXT_POISONED if poisoned else ErrorCode.WORKER_LOST,
+                              expected=expected is not None)
 
-    def _lose_worker(self, worker: WorkerRecord, why: str, code: ErrorCode = ErrorCode.WORKER_LOST) -> None:
+    def _lose_worker(self, worker: WorkerRecord, why: str, code: ErrorCode = ErrorCode.WORKER_LOST,
+                     expected: bool = False) -> None:
         self.workers.pop(worker.id, None)
         if worker.failure:
             self._last_failure[worker.id] = worker.failure
@@ -580,7 +600,11 @@ class BrokerCore:
         lost = list(worker.requests.values())
         worker.requests.clear()
         worker.recount()
-        log.warning("worker %s (pid %d) lost: %s; %d request(s) affected", worker.id, worker.pid, why, len(lost))
+        if expected:
+            log.info("worker %s (pid %d) stopped: %s; %d request(s) affected", worker.id, worker.pid, why, len(lost))
+        else:
+            log.warning("worker %s (pid %d) lost: %s; %d request(s) affected", worker.id, worker.pid, why,
+                        len(lost))
         for req in lost:
             req.worker = None
             if req.done:
@@ -589,7 +613,8 @@ class BrokerCore:
                 req.entry = dep.queue.requeue(req, req.priority)
             else:
                 self._finish(req, P.ERROR, P.error_body(
-                    req.cid, code, f"worker {worker.id} was lost ({why}) after streaming {req.chunks} chunk(s)"),
+                    req.cid, code, f"worker {worker.id} {'stopped' if expected else 'was lost'} ({why}) after "
+                                   f"streaming {req.chunks} chunk(s)"),
                     "failed")
         self._report_readiness()
         self._dispatch(dep)
@@ -693,11 +718,14 @@ class BrokerCore:
                 "queued": {name: len(dep.queue) for name, dep in self.deployments.items()}})
         if self.draining and now >= self._drain_deadline:
             self._end_drain()
+        if self.retiring or self.draining_workers:
+            reconfigure.tick(self, now)
 
     def _end_drain(self) -> None:
         """The drain's grace is over: whatever still runs ends with SHUTTING_DOWN."""
         self._drain_deadline = math.inf
         for req in [r for r in self.requests.values() if not r.done]:
+            self._drain_failed += 1
             self._finish(req, P.ERROR, P.error_body(
                 req.cid, ErrorCode.SHUTTING_DOWN, "inferd shut down before the request finished"), "failed")
         self._maybe_drained()
@@ -720,6 +748,8 @@ class BrokerCore:
             return 0.0
         for held in self.held.values():
             when = min(when, held.next_try)
+        if self.retiring or self.draining_workers:
+            when = min(when, self.clock() + 0.05)
         if self._deadlines:
             when = min(when, self._deadlines[0][0])
         return max(0.0, when - self.clock())
@@ -729,7 +759,7 @@ class BrokerCore:
     def on_supervisor(self, frames: list[bytes]) -> None:
         try:
             command, body = P.decode(P.SUPERVISOR, frames, frozenset({
-                P.WORKERS, P.WORKER_EXITED, P.DRAIN, P.RESTARTED}))
+                P.WORKERS, P.WORKER_EXITED, P.DRAIN, P.RESTARTED, P.ANSWER, P.CONFIG, P.DRAIN_WORKER}))
         except P.ProtocolError as exc:
             log.error("malformed message from the supervisor: %s", exc.reason)
             return
@@ -738,14 +768,18 @@ class BrokerCore:
             self._update_availability(body.get("workers", []))
         elif command == P.WORKER_EXITED:
             try:
-                P.check_fields(body, {"worker": (str, True), "pid": (int, True), "status": (int, True)},
-                               "WORKER_EXITED")
+                P.check_fields(body, {"worker": (str, True), "pid": (int, True), "status": (int, True),
+                                      "expected": (str, False)}, "WORKER_EXITED")
             except P.ProtocolError as exc:
                 log.error("malformed message from the supervisor: %s", exc.reason)
                 return
-            self.on_worker_exited(body["worker"], body["pid"], body["status"])
-        elif command == P.RESTARTED:
+            self.on_worker_exited(body["worker"], body["pid"], body["status"], body.get("expected"))
+        elif command in (P.RESTARTED, P.ANSWER):
             self.control_replies.append(body)
+        elif command == P.CONFIG:
+            reconfigure.apply(self, Config.from_dict(body["config"]), float(body.get("grace_s", 0)))
+        elif command == P.DRAIN_WORKER:
+            reconfigure.drain_worker(self, str(body.get("worker")), float(body.get("grace_s", 0)))
         else:
             self.drain(float(body.get("grace_s", 0)))
 
@@ -812,7 +846,7 @@ class BrokerCore:
     def _maybe_drained(self) -> None:
         if not self._drained_sent and not any(not r.done for r in self.requests.values()):
             self._drained_sent = True
-            self.transport.to_supervisor(P.DRAINED, {})
+            self.transport.to_supervisor(P.DRAINED, {"failed": self._drain_failed})
 
     def shutdown(self) -> None:
         """The broker itself is going away: give everything outstanding its final reply."""
@@ -821,9 +855,10 @@ class BrokerCore:
 
     def _report_readiness(self) -> None:
         ready = {name: dep.ready_workers() for name, dep in self.deployments.items()}
-        if ready != self._readiness:
-            self._readiness = ready
-            self.transport.to_supervisor(P.READINESS, {"deployments": ready})
+        workers = sorted(w.id for w in self.workers.values() if w.serving)
+        if (ready, workers) != self._readiness:
+            self._readiness = (ready, workers)
+            self.transport.to_supervisor(P.READINESS, {"deployments": ready, "workers": workers})
 
     # --- views for inferctl ----------------------------------------------------------------
 
@@ -848,7 +883,7 @@ class BrokerCore:
             row = dict(proc)
             if proc["state"] == "running":
                 registered = worker is not None and worker.pid == proc["pid"]
-                row["state"] = worker.state if registered else "starting"
+                row["state"] = ("draining" if worker.draining else worker.state) if registered else "starting"
             row["credits"] = worker.credits if worker else 0
             row["in_flight"] = worker.outstanding if worker else 0
             row["resumes"] = worker.resumes if worker else 0

@@ -41,6 +41,14 @@ log = logging.getLogger("inferd.broker")
 BURST = 256
 
 
+# Operator commands the supervisor carries out, and the fields each takes.
+OPERATOR_FIELDS = {
+    P.RELOAD: {"config": (str, False)},
+    P.SCALE: {"deployment": (str, True), "replicas": (int, True)},
+    P.DRAIN_WORKERS: {"target": (str, True), "then": (str, False)},
+}
+
+
 class ZmqTransport:
     def __init__(self, frontend: zmq.Socket, backend: zmq.Socket, link: zmq.Socket):
         self.frontend = frontend
@@ -165,10 +173,12 @@ class Broker:
             if peer is None:
                 continue
             if answer.get("ok"):
-                self._control_reply(peer, P.OK, {"id": cid, "result": {"message": answer.get("message", "")}})
+                result = {"message": answer.get("message", ""), **(answer.get("result") or {})}
+                self._control_reply(peer, P.OK, {"id": cid, "result": result})
             else:
                 self._control_reply(peer, P.ERROR, P.error_body(cid, ErrorCode.BAD_REQUEST,
-                                                                 str(answer.get("message", ""))))
+                                                                 str(answer.get("message", "")),
+                                                                 answer.get("details")))
 
     def _from_control(self, frames: list[bytes]) -> None:
         peer, rest = frames[0], frames[1:]
@@ -180,6 +190,14 @@ class Broker:
                 self._pending_control[self._control_token] = (peer, body.get("id"))
                 self.core.restart_worker(body["worker"], self._control_token)
                 return  # answered when the supervisor has acted
+            if command in OPERATOR_FIELDS:  # reload, scale, drain: the supervisor acts and answers
+                P.check_fields(body, {"id": ((int, str), False), **OPERATOR_FIELDS[command]}, command.decode())
+                self._control_token += 1
+                self._pending_control[self._control_token] = (peer, body.get("id"))
+                self.transport.to_supervisor(P.OPERATOR, {
+                    **{k: v for k, v in body.items() if k != "id"}, "command": command.decode(),
+                    "token": self._control_token})
+                return
             if command == P.REBUILD:
                 P.check_fields(body, {"id": ((int, str), False), "deployment": (str, True)}, "REBUILD")
                 if body["deployment"] not in self.core.deployments:

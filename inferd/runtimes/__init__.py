@@ -124,8 +124,10 @@ SPECS: dict[str, RuntimeSpec] = {
             # Test-only faults; off unless a config turns them on.
             "fault_injection": _BOOL,
             "load_fault": Param(str, "\"unrecoverable\"", lambda v: v == "unrecoverable"),
+            # A slow model load, e.g. to see systemd's start timeout extended meanwhile.
+            "load_delay_ms": Param(int, "an integer between 0 and 600000", lambda v: 0 <= v <= 600_000),
         },
-        gated={"fault": "fault_injection", "load_fault": "fault_injection"},
+        gated={"fault": "fault_injection", "load_fault": "fault_injection", "load_delay_ms": "fault_injection"},
         chunk_joiner=" ",
         chat=True,
     ),
@@ -214,7 +216,9 @@ def validate_params(runtime: str, params: dict[str, Any], options: dict[str, Any
     client can never reach what the config has not enabled.
     """
     spec = SPECS[runtime]
-    return _gate(spec, params, options) or _check(params, spec.params)
+    # A gated param the options leave off is not offered: unknown, and left out of the known list.
+    offered = {k: p for k, p in spec.params.items() if k not in spec.gated or options.get(spec.gated[k]) is True}
+    return _check(params, offered)
 
 
 def validate_options(runtime: str, options: dict[str, Any]) -> str | None:

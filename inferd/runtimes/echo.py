@@ -18,7 +18,8 @@ first stepped:
 * ``hang``: the step never returns (the broker's watchdog has it killed);
 * ``error``: an unexpected exception (the worker exits, status 1: Escalate).
 
-``options.load_fault = "unrecoverable"`` makes every load fail for good.
+``options.load_fault = "unrecoverable"`` makes every load fail for good, and
+``options.load_delay_ms`` makes every load take that long (a big model's load).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class EchoRunner(ModelRunner):
         self._faults = self.options.get("fault_injection") is True
         if self._faults and self.options.get("load_fault") == "unrecoverable":
             raise UnrecoverableError("injected fault: the model cannot be loaded")
+        if self._faults:
+            time.sleep(self.options.get("load_delay_ms", 0) / 1000)
         self._streams: dict[int, _Stream] = {}
 
     def admit(self, request: RunRequest) -> None:

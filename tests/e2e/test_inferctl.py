@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.daemon import wait_for
 
 INFERCTL = shutil.which("inferctl", path=str(Path(sys.executable).parent)) or "inferctl"
 
@@ -49,7 +52,7 @@ def test_generate_streams_text(daemon):
 
 
 @pytest.mark.parametrize("args, code, message", [
-    (["generate", "nope", "x"], 1, "inferctl: UNKNOWN_DEPLOYMENT: no deployment named 'nope'"),
+    (["generate", "nope", "x"], 1, "inferctl: UNKNOWN_DEPLOYMENT: no deployment named 'nope'; deployments: echo"),
     (["generate", "echo", "x", "-p", "bogus=1"], 1, "inferctl: BAD_REQUEST: SUBMIT: params.bogus: unknown"),
     (["generate", "echo", "x", "-p", "novalue"], 2, "expected KEY=VALUE"),
 ])
@@ -74,6 +77,50 @@ def test_metrics_table_and_json(daemon):
     assert table[0].split()[:4] == ["DEPLOYMENT", "QUEUED", "IN_FLIGHT", "COMPLETED"]
     assert table[1].split()[:4] == ["echo", "0", "0", "5"]
     assert any(line.split()[:3] == ["echo", "latency_ms", "5"] for line in table)
+
+
+def test_generate_reads_the_prompt_from_stdin_or_a_file(daemon, tmp_path):
+    for args in (["-"], []):
+        out = subprocess.run([INFERCTL, "--runtime-dir", str(daemon.runtime_dir), "generate", "echo", *args],
+                             input="from stdin\n", capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0 and out.stdout == "from stdin\n", out.stderr
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("from a\nfile")
+    out = inferctl(daemon.runtime_dir, "generate", "echo", "--prompt-file", str(prompt))
+    assert out.returncode == 0 and out.stdout == "from a file\n", out.stderr
+    out = inferctl(daemon.runtime_dir, "generate", "echo", "--prompt-file", str(tmp_path / "missing"))
+    assert out.returncode == 1 and "cannot read the prompt from" in out.stderr
+
+
+def test_help_lists_runtime_params_and_every_runtime_dir_fallback():
+    out = subprocess.run([INFERCTL, "generate", "--help"], capture_output=True, text=True, timeout=20).stdout
+    assert "echo: delay_ms (an integer between 0 and 10000); max_tokens" in out
+    assert "torch: max_tokens" in out and "temperature (a number between 0 (greedy) and 100)" in out
+    assert not re.search(r"\bfault\b", out)  # test-only, and refused unless a config turns it on
+    out = subprocess.run([INFERCTL, "--help"], capture_output=True, text=True, timeout=20).stdout
+    flat = " ".join(out.split())
+    assert ("Default: $INFERD_RUNTIME_DIR, else /run/inferd for root, else $XDG_RUNTIME_DIR/inferd, else "
+            "/tmp/inferd-$UID.") in flat
+
+
+def test_client_takes_params_as_a_dict_or_keywords(daemon):
+    with daemon.client() as client:
+        assert client.complete("echo", "a b c", params={"max_tokens": 2}) == "a b"
+        assert client.complete("echo", "a b c", params={"max_tokens": 2}, delay_ms=1) == "a b"
+        with pytest.raises(TypeError, match="max_tokens given both in params= and as keywords"):
+            client.generate("echo", "a", params={"max_tokens": 2}, max_tokens=3)
+
+
+def test_operator_restart_is_not_a_lost_worker_nor_a_failure(daemon):
+    pid = daemon.worker("echo-0")["pid"]
+    out = inferctl(daemon.runtime_dir, "restart", "echo-0")
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: (w := daemon.worker("echo-0"))["state"] == "ready" and w["pid"] != pid, timeout=10,
+             what="echo-0 restarted")
+    assert daemon.worker("echo-0")["restarts"] == 0
+    assert daemon.worker("echo-0")["last_exit"] == "stopped for an operator restart"
+    logs = daemon.logs()
+    assert f"worker echo-0 (pid {pid}) stopped: an operator restart" in logs and " lost:" not in logs
 
 
 @pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["metrics"], ["generate", "echo", "x"]])

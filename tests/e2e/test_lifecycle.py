@@ -145,6 +145,9 @@ def test_running_requests_are_cut_when_the_grace_ends(make_daemon, sig, grace):
         # Cut at the grace (0.5 s, or none), not at the stream's 5 s end nor the default 30 s grace.
         assert time.monotonic() - start < 4
     assert daemon.wait(15) == 0
+    # A drain that failed a request is not "complete": the log says what was cut.
+    assert "drain complete" not in daemon.logs()
+    assert "drain grace ran out: 1 request(s) failed with SHUTTING_DOWN" in daemon.logs()
 
 
 def test_children_die_with_the_supervisor(daemon):

@@ -78,7 +78,7 @@ def test_placement_dry_run_and_typed_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(echo_config(replicas=1, deployment='gpus_per_replica = 3\n'))
     out = inferctl(tmp_path / "no-daemon", "placement", "--config", str(bad))
-    assert out.returncode == 1
+    assert out.returncode == exitcodes.CONFIG == 78  # like `inferd --check`
     assert out.stderr.strip() == ("inferctl: NotEnoughGpus: deployment 'echo' needs 3 device(s) per replica; "
                                   f"the largest node, {line_node(out, bad=True)}, has 1")
     # The daemon refuses the same config at start, with the same message, and the config status.

@@ -865,8 +865,9 @@ def test_readiness_reported_to_supervisor():
     h.ready("echo-1")
     h.exited("echo-0")
     readiness = [b for kind, _, c, b in h.rec.log if kind == "supervisor" and c == P.READINESS]
-    assert readiness == [{"deployments": {"echo": 1}}, {"deployments": {"echo": 2}},
-                         {"deployments": {"echo": 1}}]
+    assert readiness == [{"deployments": {"echo": 1}, "workers": ["echo-0"]},
+                         {"deployments": {"echo": 2}, "workers": ["echo-0", "echo-1"]},
+                         {"deployments": {"echo": 1}, "workers": ["echo-1"]}]
 
 
 # --- heartbeats --------------------------------------------------------------------------------
@@ -1787,6 +1788,90 @@ def test_request_ids_of_two_broker_processes_do_not_meet():
     assert len(rids[0]) == len(rids[1]) == 3
     assert not rids[0] & rids[1]
     assert min(rids[0] | rids[1]) >= 1 << 20
+
+
+# --- reload, drain (inferd.broker.reconfigure) -------------------------------------------------
+
+
+def reconfigure(h: Harness, *deployments: dict, grace_s: float = 5.0) -> None:
+    config = parse({"broker": {"heartbeat_interval_ms": 60000, "heartbeat_liveness": 2},
+                    "deployment": list(deployments)}, "<reload>")
+    h.core.on_supervisor(P.encode(P.SUPERVISOR, P.CONFIG, {"config": config.to_dict(), "grace_s": grace_s}))
+
+
+def test_reload_of_queue_settings_keeps_every_queued_request_in_order():
+    h = Harness(priority_levels=3, queue_capacity=10)
+    for i, priority in enumerate([2, 0, 1, 2, 0]):
+        h.submit(f"r{i}", priority=priority)
+    assert len(h.core.deployments["echo"].queue) == 5
+    reconfigure(h, {"name": "echo", "runtime": "echo", "priority_levels": 2, "queue_capacity": 3,
+                    "default_priority": 0, "routing": "round-robin"})
+    dep = h.core.deployments["echo"]
+    assert len(dep.queue) == 5 and dep.queue.capacity == 3 and dep.queue.levels == 2
+    h.take()
+    h.submit("late", priority=1)  # over the new capacity, and nothing less urgent to evict
+    assert error_code(only(h.take())) == "BACKPRESSURE"
+    h.ready("echo-0", credits=5)
+    order = [prompt_id for _, _, prompt_id in
+             [(m[1], m[3]["rid"], h.core.requests[m[3]["rid"]].cid) for m in h.take() if m[2] == P.REQUEST]]
+    # Most urgent first, FIFO within a level; the old level 2 joined the new least urgent level, 1,
+    # behind what was already there (old level 1 was the more urgent).
+    assert order == ["r1", "r4", "r2", "r0", "r3"]
+
+
+def test_a_removed_deployment_drains_then_is_unknown():
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.submit("running")
+    h.submit("queued")
+    (_, rid, _), = h.requests_sent(h.take())
+    reconfigure(h, {"name": "other", "runtime": "echo"})
+    h.submit("new")
+    (kind, _, command, body), = h.take()
+    assert body["code"] == "UNKNOWN_DEPLOYMENT" and "removed by a reload" in body["message"]
+    assert "deployments: other" in body["message"]
+    h.done("echo-0", rid)  # the running one finishes; the queued one goes to the same worker
+    msgs = h.take()
+    assert [m[1] for m in h.to_clients(msgs)] == [P.DONE]
+    (_, rid2, _), = h.requests_sent(msgs)
+    h.done("echo-0", rid2)
+    h.advance(0.1)
+    msgs = h.take()
+    assert [m[1] for m in h.to_clients(msgs)] == [P.DONE]
+    assert ("supervisor", None, P.REMOVED, {"deployment": "echo", "failed": 0}) in msgs
+    assert "echo" not in h.core.retiring
+
+
+def test_a_removed_deployment_fails_what_is_left_when_the_grace_ends():
+    h = Harness()
+    h.ready("echo-0", credits=1)
+    h.submit("running")
+    h.submit("queued")
+    h.take()
+    reconfigure(h, {"name": "other", "runtime": "echo"}, grace_s=2.0)
+    h.advance(2.5)
+    msgs = h.take()
+    codes = sorted(m[3]["code"] for m in msgs if m[0] == "client")
+    assert codes == ["UNAVAILABLE", "UNAVAILABLE"]
+    assert ("supervisor", None, P.REMOVED, {"deployment": "echo", "failed": 2}) in msgs
+
+
+def test_a_draining_worker_gets_no_new_request_and_is_reported_idle():
+    h = Harness()
+    for wid in ("echo-0", "echo-1"):
+        h.ready(wid, credits=2)
+    h.submit("a")
+    (wid, rid, _), = h.requests_sent(h.take())
+    h.core.on_supervisor(P.encode(P.SUPERVISOR, P.DRAIN_WORKER, {"worker": wid, "grace_s": 10.0}))
+    assert not any(m[2] == P.WORKER_DRAINED for m in h.take())
+    for i in range(3):
+        h.submit(f"b{i}")
+    assert {w for w, _, _ in h.requests_sent(h.take())} == {"echo-0", "echo-1"} - {wid}
+    h.done(wid, rid)
+    h.advance(0.1)
+    assert ("supervisor", None, P.WORKER_DRAINED, {"worker": wid, "left": 0}) in h.take()
+    h.core.on_worker_exited(wid, h.pids[wid], 0, expected="drained")
+    assert h.metrics()["failed"] == 0
 
 
 # --- chat messages, usage, finals by code (the gateway's needs) ---------------------------------

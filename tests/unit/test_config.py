@@ -288,7 +288,7 @@ def test_deployment_array_of_non_tables():
 def test_unknown_runtime_option():
     msg = error_of(minimal(options={"temperature": 0.5}))
     assert_mentions(msg, PATH, "deployment[0] (echo).options.temperature", "unknown",
-                    "known: delay_ms, fault_injection, load_fault")
+                    "known: delay_ms, fault_injection, load_delay_ms, load_fault")
 
 
 def test_invalid_toml(tmp_path):

@@ -106,7 +106,9 @@ def test_fault_refused_without_fault_injection():
     for options in ({}, {"fault_injection": False}, {"fault_injection": "true"}, {"fault_injection": 1}):
         problem = params_problem({"fault": "oom"}, options)
         assert_names(problem, "fault")
-        assert "fault_injection" in problem
+        # Not offered while fault injection is off: unknown, and absent from the known params.
+        assert problem.startswith("fault: unknown; known: ") and "fault" not in problem.split("known:")[1]
+        assert "fault" not in (params_problem({"bogus": 1}, options) or "").split("known:")[1]
 
 
 @pytest.mark.parametrize("fault", ["oom", "poison", "error"])
