@@ -140,8 +140,12 @@ def status(obj: Ctx, as_json: bool) -> None:
                       [[w["id"], w["deployment"], w["device"], w["pid"] or None, _state(w), w["restarts"],
                         w["credits"], w["in_flight"], w["resumes"], w["last_exit"]] for w in st["workers"]]))
     notes = [f"{w['id']}: {w['failure']}" for w in st["workers"] if w.get("failure")]
-    notes += [f"runner {w['id']}: " + " ".join(f"{k}={v}" for k, v in sorted(w["runner"].items()))
+    notes += [f"{n} degraded: {problem}" for n, v in st["deployments"].items() for problem in v.get("problems", [])]
+    notes += [f"runner {w['id']}: " + " ".join(f"{k}={v}" for k, v in sorted(w["runner"].items())
+                                               if not isinstance(v, (dict, list)) and k != "problem")
               for w in st["workers"] if w.get("runner")]
+    notes += [f"upstream {w['id']}: {u['url']} {u['state']}" + (f" ({u['last_error']})" if u["last_error"] else "")
+              for w in st["workers"] for u in w.get("runner", {}).get("upstreams", [])]
     if notes:  # what a worker reported before it went down; each runtime's own load figures
         click.echo("")
         click.echo("\n".join(notes))
@@ -338,6 +342,15 @@ def metrics(obj: Ctx, as_json: bool) -> None:
             s = v[dist]
             rows.append([name, dist, s["count"], _ms(s, "p50"), _ms(s, "p90"), _ms(s, "p99"), _ms(s, "max")])
     click.echo(_table(["DEPLOYMENT", "DISTRIBUTION", "COUNT", "P50", "P90", "P99", "MAX"], rows))
+    upstream = [[name, wid, u["attempts"], u["retries"], u["failovers"],
+                 " ".join(f"{code}:{n}" for code, n in u["status"].items()) or None,
+                 " ".join(f"{kind}:{n}" for kind, n in u["errors"].items()) or None,
+                 _ms(u["first_token_ms"], "p50"), _ms(u["latency_ms"], "p50")]
+                for name, v in m.items() for wid, u in v.get("upstream", {}).items()]
+    if upstream:  # remote deployments: what their providers did
+        click.echo("")
+        click.echo(_table(["DEPLOYMENT", "WORKER", "ATTEMPTS", "RETRIES", "FAILOVERS", "STATUS", "ERRORS",
+                           "FIRST_TOKEN_P50", "LATENCY_P50"], upstream))
 
 
 def _param(value: str) -> Any:

@@ -26,6 +26,10 @@ class ErrorCode(str, enum.Enum):
     SLOW_READER = "SLOW_READER"
     CONNECTION_RESET = "CONNECTION_RESET"
     INTERNAL = "INTERNAL"
+    # A remote deployment's provider (inferd/runtimes/remote): it refused our credentials, or
+    # it failed (5xx, a timeout, a dropped or malformed stream) after any retries.
+    UPSTREAM_AUTH = "UPSTREAM_AUTH"
+    UPSTREAM_ERROR = "UPSTREAM_ERROR"
 
 
 class InferdError(Exception):
@@ -120,11 +124,24 @@ class Internal(InferdError):
     code = ErrorCode.INTERNAL
 
 
+class UpstreamAuth(InferdError):
+    """The remote provider answered 401 or 403: the deployment's key (``api_key_env``) is wrong."""
+
+    code = ErrorCode.UPSTREAM_AUTH
+
+
+class UpstreamError(InferdError):
+    """The remote provider failed. ``details`` names the upstream, its ``status`` and the ``kind``."""
+
+    code = ErrorCode.UPSTREAM_ERROR
+
+
 _BY_CODE: dict[str, type[InferdError]] = {
     cls.code.value: cls
     for cls in (
         BadRequest, UnknownDeployment, Backpressure, DeadlineExceeded, Cancelled, WorkerLost,
         OutOfMemory, ContextPoisoned, Unavailable, ShuttingDown, SlowReader, ConnectionReset, Internal,
+        UpstreamAuth, UpstreamError,
     )
 }
 

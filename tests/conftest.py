@@ -1,6 +1,7 @@
 import pytest
 
 from tests.daemon import Daemon, echo_config
+from tests.fake_upstream import FakeUpstream
 
 
 @pytest.fixture
@@ -24,6 +25,14 @@ def make_daemon(request):
 @pytest.fixture
 def daemon(make_daemon):
     return make_daemon()
+
+
+@pytest.fixture
+def upstream():
+    """A fake OpenAI-compatible upstream (tests/fake_upstream.py), serving from a thread."""
+    fake = FakeUpstream().start()
+    yield fake
+    fake.stop()
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -639,7 +639,8 @@ class BrokerCore:
             if req.dispatches == 1:
                 dep.metrics.queue_ms.add((now - req.arrived) * 1000)
             req.dispatched_at = now
-            work = {"rid": req.rid, "prompt": req.prompt, "params": req.params}
+            work = {"rid": req.rid, "prompt": req.prompt, "params": req.params,
+                    "deadline_ms": max(1, round((req.deadline - now) * 1000))}
             if req.messages is not None:
                 work["messages"] = req.messages
             self.transport.to_worker(worker.id, P.REQUEST, work)
@@ -702,7 +703,9 @@ class BrokerCore:
             for worker in list(self.workers.values()):
                 if now - worker.last_seen > self._hb_expiry:
                     self._unresponsive(worker, f"no message for {now - worker.last_seen:.1f} s")
-                elif (worker.requests and worker.state != "rebuilding"  # a rebuild is not a hang
+                # A rebuild is not a hang; nor is a remote worker waiting on its provider (bounded by
+                # read_timeout_ms and deadlines; its runner watches its own event loop).
+                elif (worker.requests and worker.state != "rebuilding" and worker.deployment.spec.transport == "local"
                       and now - worker.last_progress > worker.deployment.config.watchdog_s):
                     self._unresponsive(worker, f"hung: no progress for {now - worker.last_progress:.1f} s "
                                                f"with {worker.outstanding} request(s) in flight")
@@ -864,8 +867,13 @@ class BrokerCore:
                    if not r.done and r.worker is not None and (dep is None or r.deployment is dep))
 
     def metrics(self) -> dict[str, Any]:
-        return {name: dep.metrics.snapshot(len(dep.queue), self.in_flight(dep))
-                for name, dep in self.deployments.items()}
+        out = {name: dep.metrics.snapshot(len(dep.queue), self.in_flight(dep))
+               for name, dep in self.deployments.items()}
+        for name, dep in self.deployments.items():  # a remote runtime's upstream figures, per worker
+            upstream = {w.id: w.runner["upstream"] for w in dep.workers.values() if "upstream" in w.runner}
+            if upstream:
+                out[name]["upstream"] = upstream
+        return out
 
     def status(self) -> dict[str, Any]:
         view = self.supervisor_view
@@ -887,10 +895,15 @@ class BrokerCore:
         for name, dep in self.deployments.items():
             ready = dep.ready_workers()
             state = ("healthy" if ready >= dep.config.replicas else "degraded" if ready else "unavailable")
+            # A worker may be up while what it serves from is not (a remote runtime's upstream).
+            problems = [f"{w.id}: {w.runner.get('problem', '')}" for w in dep.pool
+                        if w.runner.get("health", "ok") != "ok"]
+            if problems and state == "healthy":
+                state = "degraded"
             if not dep.available:
                 state = "failed"
             deployments[name] = {"state": state, "runtime": dep.config.runtime, "replicas": dep.config.replicas,
-                                 "routing": dep.config.routing,
+                                 "routing": dep.config.routing, "problems": problems,
                                  "ready": ready, "queued": len(dep.queue), "in_flight": self.in_flight(dep)}
         daemon = dict(view.get("daemon", {}))
         if "started_at" in daemon:

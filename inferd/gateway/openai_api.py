@@ -45,6 +45,9 @@ STATUS = {
     ErrorCode.CONNECTION_RESET: (503, "server_error"),
     ErrorCode.CANCELLED: (499, "cancelled"),  # only ever seen by a client that has gone
     ErrorCode.INTERNAL: (500, "server_error"),
+    # A remote deployment's provider failed or refused inferd's key: a bad gateway, not the caller's fault.
+    ErrorCode.UPSTREAM_ERROR: (502, "server_error"),
+    ErrorCode.UPSTREAM_AUTH: (502, "server_error"),
 }
 
 

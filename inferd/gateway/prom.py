@@ -33,6 +33,14 @@ HISTOGRAMS = {
                                                          "requests."),
 }
 
+# a remote worker's upstream histogram -> (metric name, help)
+UPSTREAM_HISTOGRAMS = {
+    "first_token_histogram": ("inferd_upstream_time_to_first_token_seconds",
+                              "Remote deployments: from a call to a provider to its first token."),
+    "latency_histogram": ("inferd_upstream_request_latency_seconds",
+                          "Remote deployments: from a request's first call to its last token, retries included."),
+}
+
 
 class BrokerCollector:
     """Renders one snapshot: ``metrics`` (METRICS) and ``status`` (STATUS), set before each scrape."""
@@ -74,6 +82,7 @@ class BrokerCollector:
                 family.add_metric([name], buckets, h["sum_ms"] / 1000)
             yield family
         yield from self._workers(deployments)
+        yield from self._upstream(deployments)
 
     def _workers(self, deployments: list[str]) -> Iterator[Metric]:
         states = GaugeMetricFamily("inferd_workers", "Worker processes by state.", labels=["deployment", "state"])
@@ -92,6 +101,57 @@ class BrokerCollector:
             restarts.add_metric([dep, reason], n)
         yield states
         yield restarts
+
+    def _upstream(self, deployments: list[str]) -> Iterator[Metric]:
+        """Remote deployments: what their providers did, summed over each deployment's workers
+        (counters and histograms add up; a restarted worker starts its own from zero)."""
+        attempts = CounterMetricFamily("inferd_upstream_attempts", "Calls to remote providers, retries included.",
+                                       labels=["deployment"])
+        retries = CounterMetricFamily("inferd_upstream_retries", "Calls retried before the first token.",
+                                      labels=["deployment"])
+        failovers = CounterMetricFamily("inferd_upstream_failovers", "Retries sent to another upstream.",
+                                        labels=["deployment"])
+        responses = CounterMetricFamily("inferd_upstream_responses", "Provider answers by HTTP status.",
+                                        labels=["deployment", "status"])
+        errors = CounterMetricFamily("inferd_upstream_errors", "Failed calls by kind: status, timeout, connection, "
+                                     "stream_error, invalid_json, invalid_stream, deadline.",
+                                     labels=["deployment", "kind"])
+        up = GaugeMetricFamily("inferd_upstream_up", "1 while an upstream is healthy, as each worker sees it.",
+                               labels=["deployment", "worker", "upstream"])
+        histograms = {key: HistogramMetricFamily(metric, help_text, labels=["deployment"])
+                      for key, (metric, help_text) in UPSTREAM_HISTOGRAMS.items()}
+        for name in deployments:
+            per_worker = self.metrics[name].get("upstream", {})
+            if not per_worker:
+                continue
+            sums: dict[str, Any] = {"attempts": 0, "retries": 0, "failovers": 0}
+            status: dict[str, int] = {}
+            kinds: dict[str, int] = {}
+            for figures in per_worker.values():
+                for key in sums:
+                    sums[key] += figures.get(key, 0)
+                for code, n in figures.get("status", {}).items():
+                    status[code] = status.get(code, 0) + n
+                for kind, n in figures.get("errors", {}).items():
+                    kinds[kind] = kinds.get(kind, 0) + n
+            attempts.add_metric([name], sums["attempts"])
+            retries.add_metric([name], sums["retries"])
+            failovers.add_metric([name], sums["failovers"])
+            for code, n in sorted(status.items()):
+                responses.add_metric([name, code], n)
+            for kind, n in sorted(kinds.items()):
+                errors.add_metric([name, kind], n)
+            for key, family in histograms.items():
+                merged = [f[key] for f in per_worker.values() if key in f]
+                if merged:
+                    counts = [sum(h["counts"][i] for h in merged) for i in range(len(merged[0]["counts"]))]
+                    buckets = [(floatToGoString(le / 1000), n) for le, n in zip(merged[0]["le_ms"], counts)]
+                    buckets.append(("+Inf", sum(h["count"] for h in merged)))
+                    family.add_metric([name], buckets, sum(h["sum_ms"] for h in merged) / 1000)
+        for row in self.status.get("workers", []):
+            for u in row.get("runner", {}).get("upstreams", []):
+                up.add_metric([row["deployment"], row["id"], u["url"]], 1 if u["state"] == "ok" else 0)
+        yield from (attempts, retries, failovers, responses, errors, up, *histograms.values())
 
 
 class Exporter:

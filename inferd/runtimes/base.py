@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from inferd.devices import Device
 from inferd.errors import ErrorCode
@@ -25,6 +25,7 @@ class RunRequest:
     prompt: str
     params: dict[str, Any]
     messages: list[dict[str, str]] | None = None   # a chat, for runtimes whose spec says chat
+    deadline: float | None = None             # time.monotonic() by which the broker gives up on it
 
 
 @dataclass(slots=True)
@@ -41,6 +42,7 @@ class Output:
     error: ErrorCode | None = None
     message: str = ""
     usage: dict[str, int] | None = None   # on a finished request: prompt_tokens, completion_tokens
+    details: dict[str, Any] | None = None     # sent with an error (a retry hint, an upstream's status)
 
     @property
     def final(self) -> bool:
@@ -66,6 +68,9 @@ class ModelRunner(abc.ABC):
         # The most requests admitted at once: the worker's credits. A runner may lower it
         # (the torch runtime's batch slots), never raise it.
         self.capacity = capacity
+        # A runner whose outputs arrive on their own (a network stream) calls this, from any
+        # thread, to have the engine call step() now; the engine sets it.
+        self.wake: Callable[[], None] = lambda: None
 
     @property
     def where(self) -> str:

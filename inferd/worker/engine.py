@@ -33,7 +33,7 @@ from inferd.runtimes.base import ModelRunner, Output, RequestRejected, RunReques
 
 log = logging.getLogger("inferd.worker")
 
-ADMIT, CANCEL, REBUILD, STOP = "admit", "cancel", "rebuild", "stop"
+ADMIT, CANCEL, REBUILD, STOP, WAKE = "admit", "cancel", "rebuild", "stop", "wake"
 
 
 class Engine(threading.Thread):
@@ -54,6 +54,7 @@ class Engine(threading.Thread):
         self._active: set[int] = set()
         self._rebuild_requested = False
         self._deferred: dict[int, RunRequest] = {}  # admitted while a rebuild is pending
+        runner.wake = lambda: self.commands.put((WAKE, None))
 
     # Called from the main thread.
     def admit(self, request: RunRequest) -> None:
@@ -144,6 +145,8 @@ class Engine(threading.Thread):
                     self.runner.cancel(arg)
                     self.report = self.runner.load_report()  # the slot it freed shows at once
                 self._emit([Output(arg, error=ErrorCode.CANCELLED, message="cancelled")])
+        elif kind == WAKE:
+            pass  # the runner has outputs: the step below collects them
         elif kind == REBUILD:
             if not self._rebuild_requested:
                 log.info("rebuild requested: finishing %d running request(s) first", len(self._active))

@@ -198,7 +198,10 @@ class Worker:
             self.send(P.ERROR, {"rid": rid, **P.error_body(None, ErrorCode.INTERNAL, "worker has no free credit")})
             return
         self.in_flight.add(rid)
-        self.engine.admit(RunRequest(rid, body.get("prompt") or "", body.get("params") or {}, body.get("messages")))
+        deadline_ms = body.get("deadline_ms")
+        deadline = time.monotonic() + deadline_ms / 1000 if isinstance(deadline_ms, (int, float)) else None
+        self.engine.admit(RunRequest(rid, body.get("prompt") or "", body.get("params") or {},
+                                     messages=body.get("messages"), deadline=deadline))
 
     def _drain_wakeups(self) -> None:
         while True:
@@ -231,7 +234,7 @@ class Worker:
             self.send(P.CHUNKS, {"chunks": chunks})
         for out in finals:
             if out.error is not None:
-                self.send(P.ERROR, {"rid": out.rid, **P.error_body(None, out.error, out.message)})
+                self.send(P.ERROR, {"rid": out.rid, **P.error_body(None, out.error, out.message, out.details)})
             else:
                 done = {"rid": out.rid, "finish_reason": out.finish_reason}
                 if out.usage:

@@ -35,7 +35,7 @@ def test_status_table_and_json(daemon):
     st = json.loads(inferctl(daemon.runtime_dir, "status", "--json").stdout)
     assert st["ready"] is True
     assert st["deployments"]["echo"] == {"state": "healthy", "runtime": "echo", "replicas": 2, "ready": 2,
-                                         "routing": "least-loaded",
+                                         "routing": "least-loaded", "problems": [],
                                          "queued": 0, "in_flight": 0}
     assert st["daemon"]["pid"] == daemon.proc.pid
     assert {w["id"]: w["state"] for w in st["workers"]} == {"echo-0": "ready", "echo-1": "ready"}

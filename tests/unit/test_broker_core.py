@@ -153,7 +153,8 @@ def test_submit_accepted_then_request_then_chunks_then_done():
     assert msgs[1] == ("client", b"c1", P.ACCEPTED, {"id": 1, "epoch": h.core.epoch, "join": " "})
     kind, wid, command, body = msgs[0]
     assert (kind, wid, command) == ("worker", "echo-0", P.REQUEST)
-    assert set(body) == {"rid", "prompt", "params"}
+    assert set(body) == {"rid", "prompt", "params", "deadline_ms"}
+    assert body["deadline_ms"] == h.core.deployments["echo"].config.default_deadline_ms  # what is left of it
     assert body["prompt"] == "hello world"
     assert body["params"] == {"max_tokens": 5}
     rid = body["rid"]

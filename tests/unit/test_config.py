@@ -204,7 +204,7 @@ def test_wrong_type_in_sections(section, key, value, expect):
     ("default_priority", -1, "an integer >= 0"),
     ("default_deadline_ms", 0, "an integer between 1 and 86400000"),
     ("max_concurrency", 0, "an integer between 1 and 4096"),
-    ("runtime", "tensorrt", "one of echo, torch"),
+    ("runtime", "tensorrt", "one of echo, torch, remote"),
     ("runtime", "", "one of echo"),
     ("name", "my model", "a name of letters, digits"),
     ("name", "", "a name of letters, digits"),

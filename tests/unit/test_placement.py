@@ -387,7 +387,7 @@ def test_unknown_runtime():
     base = config({"name": "chat"})
     cfg = dataclasses.replace(base, deployments=(DeploymentConfig(name="ghost", runtime="nope"),))
     message = error(UnknownRuntime, Planner(cfg, [node("n1", source(uniform(1)))]))
-    assert message == "deployment 'ghost': unknown runtime 'nope'; known: echo, torch"
+    assert message == "deployment 'ghost': unknown runtime 'nope'; known: echo, torch, remote"
 
 
 def test_plan_raises_the_first_error_and_errors_are_placement_errors():
