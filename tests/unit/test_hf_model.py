@@ -91,11 +91,15 @@ def test_greedy_equals_transformers_generate_alone_and_batched(hf_checkpoint, ar
     assert batched == expected
 
 
-def test_a_request_logits_are_bitwise_identical_alone_and_in_a_full_batch(hf_checkpoint):
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_request_logits_are_bitwise_identical_alone_and_in_a_full_batch(hf_checkpoint, count):
     """The slot path's own guarantee, below the argmax: every live slot's logits in a decode step of
-    8 equal those of the same sequence decoded alone, bit for bit."""
+    8 equal those of the same sequence decoded alone, bit for bit, with one torch thread and with
+    two, through the oneDNN-packed linear layers the CPU path uses in float32."""
     model = hf.build(checkpoint=hf_checkpoint("gemma2"), device=torch.device("cpu"), dtype=torch.float32,
                      max_seq_len=128)
+    linears = [m for m in model.model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all("forward" in vars(m) for m in linears), "the linear layers are not packed"
     slots = 8
     prompts = [model.tokenizer.encode(p * (1 + i % 3)) for i, p in enumerate(PROMPTS * 2)][:slots]
 
@@ -113,10 +117,11 @@ def test_a_request_logits_are_bitwise_identical_alone_and_in_a_full_batch(hf_che
                 tokens[slot], positions[slot] = int(logits[slot].argmax()), positions[slot] + 1
         return out
 
-    together = decode_steps(list(range(slots)))
-    for slot in (0, 5, 7):
-        alone = decode_steps([slot])[slot]
-        assert all(torch.equal(a, b) for a, b in zip(alone, together[slot])), f"slot {slot} differs"
+    with threads(count):
+        together = decode_steps(list(range(slots)))
+        for slot in (0, 5, 7):
+            alone = decode_steps([slot])[slot]
+            assert all(torch.equal(a, b) for a, b in zip(alone, together[slot])), f"slot {slot} differs"
 
 
 # --- tokens, text and chat ------------------------------------------------------------------------
