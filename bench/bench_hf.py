@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from bench_core import machine  # bench/ is sys.path[0] as a script
-from bench_torch import (BATCH, RunFigures, Settings, TorchDaemon, fmt, measure_daemon, median, prompts, render,
-                         summarize)
+from bench_torch import (BATCH, RunFigures, Settings, TorchDaemon, fmt, machine_busy_s, measure_daemon, median,
+                         prompts, render, summarize)
 
 DEPLOYMENT = "hf"
 MAX_SEQ_LEN = 256
@@ -111,7 +111,7 @@ def inprocess_main(spec: dict[str, Any]) -> None:
 
     def drive(concurrency: int, n: int) -> dict[str, float]:
         """The runner as the worker's engine thread drives it, ``concurrency`` requests kept in."""
-        t0 = time.perf_counter()
+        t0, c0, b0 = time.perf_counter(), time.process_time(), machine_busy_s()
         admitted = done = produced = 0
         while done < n:
             while admitted < n and admitted - done < concurrency:
@@ -124,8 +124,7 @@ def inprocess_main(spec: dict[str, Any]) -> None:
             for out in runner.step():
                 produced += 1
                 done += out.final
-        wall = time.perf_counter() - t0
-        return {"tokens": produced, "wall_s": wall, "tokens_per_s": produced / wall}
+        return rates(produced, t0, c0, b0)
 
     drive(BATCH, BATCH)  # warm-up at the full batch shape
     for c in spec["concurrency"]:
@@ -136,7 +135,7 @@ def inprocess_main(spec: dict[str, Any]) -> None:
     model.set_attn_implementation("sdpa")  # transformers' default attention on the CPU
 
     def generate(n: int) -> dict[str, float]:
-        t0 = time.perf_counter()
+        t0, c0, b0 = time.perf_counter(), time.process_time(), machine_busy_s()
         produced = 0
         for i in range(n):
             prompt = torch.tensor([ids[i]])
@@ -144,25 +143,30 @@ def inprocess_main(spec: dict[str, Any]) -> None:
                 out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                      max_new_tokens=max_tokens, min_new_tokens=max_tokens)
             produced += out.shape[1] - prompt.shape[1]
-        wall = time.perf_counter() - t0
-        return {"tokens": produced, "wall_s": wall, "tokens_per_s": produced / wall}
+        return rates(produced, t0, c0, b0)
 
     generate(1)
     results["generate"] = generate(spec["generate_requests"])
 
     def generate_batch(n: int, tokens: int) -> dict[str, float]:
         config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=-1)
-        t0 = time.perf_counter()
+        t0, c0, b0 = time.perf_counter(), time.process_time(), machine_busy_s()
         with torch.inference_mode():
             out = model.generate_batch(inputs=ids[:n], generation_config=config, progress_bar=False)
-        wall = time.perf_counter() - t0
-        produced = sum(len(r.generated_tokens) for r in out.values())
-        return {"tokens": produced, "wall_s": wall, "tokens_per_s": produced / wall}
+        return rates(sum(len(r.generated_tokens) for r in out.values()), t0, c0, b0)
 
     generate_batch(2, 4)
     top = max(spec["concurrency"])
     results["generate_batch"] = generate_batch(top * per_stream[str(top)], max_tokens)
     print(json.dumps(results))
+
+
+def rates(tokens: int, t0: float, c0: float, b0: float) -> dict[str, float]:
+    """An in-process case's figures from its start (perf_counter, process_time, machine_busy_s):
+    tokens/s, this process's CPU per token, and the cores other processes used meanwhile."""
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "cpu_us_per_token": cpu * 1e6 / tokens,
+            "other_cores": max(0.0, machine_busy_s() - b0 - cpu) / wall}
 
 
 def measure_inprocess(s: Settings, checkpoint: str, threads: int, workdir: Path) -> dict[str, Any]:
@@ -183,8 +187,10 @@ def measure_inprocess(s: Settings, checkpoint: str, threads: int, workdir: Path)
 
 def report(name: str, s: Settings, daemon_runs: dict[int, list[RunFigures]], inproc_runs: list[dict]) -> dict:
     summary = {c: summarize(runs) for c, runs in daemon_runs.items()}
-    inproc = {k: median([r[k]["tokens_per_s"] for r in inproc_runs])
-              for k, v in inproc_runs[0].items() if isinstance(v, dict)}
+    cases = [k for k, v in inproc_runs[0].items() if isinstance(v, dict)]
+    inproc = {k: median([r[k]["tokens_per_s"] for r in inproc_runs]) for k in cases}
+    inproc_cpu = {k: median([r[k]["cpu_us_per_token"] for r in inproc_runs]) for k in cases}
+    inproc_other = {k: median([r[k]["other_cores"] for r in inproc_runs]) for k in cases}
     print()
     print(f"{name}: daemon, max_tokens {s.max_tokens}, medians of {s.repeats} run(s), "
           f"{inproc_runs[0]['threads']} torch thread(s) everywhere:")
@@ -207,7 +213,38 @@ def report(name: str, s: Settings, daemon_runs: dict[int, list[RunFigures]], inp
         ok = ratios[key] >= TARGETS[key]
         print(f"  at {top} streams: daemon {daemon:,.0f} tokens/s / {label} {inproc[key if key != 'runner' else f'runner_{top}']:,.0f}"
               f" = {ratios[key]:.2f}x (target >= {TARGETS[key]:g}x: {'ok' if ok else 'MISSED'})")
-    return {"daemon": {str(c): f for c, f in summary.items()}, "inprocess": inproc, "ratios": ratios}
+    cpu_ratios = cpu_report(summary, top, inproc_cpu, inproc_other)
+    return {"daemon": {str(c): f for c, f in summary.items()}, "inprocess": inproc,
+            "inprocess_cpu_us_per_token": inproc_cpu, "inprocess_other_cores": inproc_other, "ratios": ratios,
+            "cpu_ratios": cpu_ratios}
+
+
+def cpu_report(summary: dict[int, dict], top: int, inproc_cpu: dict[str, float],
+               inproc_other: dict[str, float]) -> dict[str, float]:
+    """CPU per token, which a shared machine disturbs far less than tokens/s: the daemon's and
+    the in-process cases' are taken minutes apart, under whatever else runs then. The daemon's
+    critical path is its worker's compute thread (torch's threads with it); the broker, the
+    client and the worker's I/O thread run beside it on the other cores."""
+    roles = ("client", "broker", "worker_main", "worker_zmq", "worker_compute", "supervisor")
+    print(f"  CPU per token (us), {top} streams; other procs: cores used by processes outside the benchmark:")
+    f = summary[top]
+    cpu = f["cpu_us_per_token"]
+    rows = [["case", *roles, "total", "other procs"],
+            ["daemon", *(fmt(cpu[r]) for r in roles), fmt(sum(cpu[r] for r in roles)), f"{f['other_cores']:.2f}"]]
+    for k, us in inproc_cpu.items():
+        rows.append([f"in-process {k}", *([""] * (len(roles) - 2)), fmt(us), "", fmt(us), f"{inproc_other[k]:.2f}"])
+    print(render(rows))
+    compute, total = cpu["worker_compute"], sum(cpu[r] for r in roles)
+    ratios = {"generate": inproc_cpu["generate"] / compute, "runner_compute": inproc_cpu[f"runner_{top}"] / compute,
+              "runner_total": inproc_cpu[f"runner_{top}"] / total}
+    print(f"  tokens per CPU second at {top} streams: daemon's worker compute / generate() one at a time "
+          f"{ratios['generate']:.2f}x; daemon's worker compute / in-process runner {ratios['runner_compute']:.2f}x; "
+          f"daemon's processes and client / in-process runner {ratios['runner_total']:.2f}x")
+    noisy = max([f["other_cores"], *inproc_other.values()])
+    if noisy > 0.2:
+        print(f"  WARNING: other processes used up to {noisy:.2f} cores during the runs: tokens/s ratios between "
+              "the daemon and the in-process cases compare different loads; the CPU ratios less so")
+    return ratios
 
 
 def parse_args() -> argparse.Namespace:
