@@ -20,7 +20,12 @@ nothing may compete), with the same model, prompts and torch thread count:
   at the same concurrency: what serving costs on top.
 
 Targets at 32 streams: >= 5x the one-at-a-time tokens/s, >= 1.0x
-``generate_batch``, >= 0.9x the in-process runner.
+``generate_batch``, >= 0.9x the in-process runner. Beside them, CPU per
+token of each daemon process and each in-process case, with the cores other
+processes used meanwhile: on a shared machine the daemon's tokens/s and the
+in-process ones are taken minutes apart under different loads, and tokens per
+CPU second (the daemon's worker compute thread against ``generate()`` and
+the in-process runner) is the comparison load disturbs least.
 
 Usage: ``python bench/bench_hf.py [--quick] [--models tiny-llama smollm2] [--max-tokens N]
 [--concurrency 1 8 32] [--repeats N] [--cpu-threads N] [--json FILE] [--keep-logs]``.
