@@ -37,6 +37,7 @@ from inferd.metrics import REQUEST_BUCKETS_S, TTFT_BUCKETS_S, Distribution
 from inferd.protocol import FINISH_LENGTH, FINISH_STOP
 from inferd.runtimes.base import Output, RunRequest
 from inferd.runtimes.remote.chunks import ChunkError, Usage, decode, error_message
+from inferd.runtimes.remote.idle import ReadWatchdog, Watch
 from inferd.runtimes.remote.retry import plan_retry, retry_after_s, should_retry
 from inferd.runtimes.remote.settings import Settings
 from inferd.runtimes.remote.sse import SSEError, SSEParser
@@ -108,12 +109,15 @@ class UpstreamClient:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         # One pool for the worker: a connection per stream it may hold, and one for probes per upstream.
+        # aiohttp's sock_read bounds the wait for the headers; the watchdog, the wait between chunks.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=capacity + len(settings.urls), limit_per_host=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
                                           sock_read=settings.read_timeout_s))
+        self.watchdog = ReadWatchdog(settings.read_timeout_s)
 
     async def close(self) -> None:
+        await self.watchdog.close()
         await self.session.close()
 
     def scrub(self, text: str) -> str:
@@ -189,11 +193,14 @@ class UpstreamClient:
                 self.stats.status[resp.status] += 1
                 if resp.status != 200:
                     raise await self._status_failure(upstream, resp)
+                watch = self.watchdog.watch(resp)
                 try:
-                    return await self._read_stream(resp, upstream, rid, sent, began)
+                    return await self._read_stream(resp, upstream, rid, sent, began, watch)
                 except BaseException:
                     resp.close()  # a cancel, a failure: the connection goes now, never back to the pool
                     raise
+                finally:
+                    self.watchdog.unwatch(watch)
         except UpstreamFailure:
             raise
         except TimeoutError as exc:  # aiohttp's read or connect timeout (the deadline cancels instead)
@@ -210,7 +217,7 @@ class UpstreamClient:
         raise failure
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, upstream: Upstream, rid: int, sent: list[int],
-                           began: float) -> tuple[str, Usage | None]:
+                           began: float, watch: Watch) -> tuple[str, Usage | None]:
         self.upstreams.succeeded(upstream)
         parser = SSEParser()
         chat = self.settings.api == "chat"
@@ -219,6 +226,7 @@ class UpstreamClient:
         usage: Usage | None = None
         events_seen = 0
         async for data in resp.content.iter_any():
+            watch.reads += 1
             try:
                 events = parser.feed(data)
             except SSEError as exc:
