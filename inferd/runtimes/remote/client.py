@@ -225,7 +225,8 @@ class UpstreamClient:
         finish: str | None = None
         usage: Usage | None = None
         events_seen = 0
-        async for data in resp.content.iter_any():
+        read = resp.content.readany  # what iter_any() calls, without its iterator's frame per read
+        while data := await read():
             watch.reads += 1
             try:
                 events = parser.feed(data)
