@@ -65,6 +65,8 @@ def test_chunk_decode_text_finish_and_usage():
     text, reason, usage = decode('{"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2, '
                                  '"total_tokens": 6}}', chat=True)
     assert (text, reason, usage.as_dict()) == ("", None, {"prompt_tokens": 4, "completion_tokens": 2})
+    _, _, partial = decode('{"choices": [], "usage": {"prompt_tokens": null, "completion_tokens": 2}}', chat=True)
+    assert partial.as_dict() is None
 
 
 @pytest.mark.parametrize("data, error_event, kind, message", [

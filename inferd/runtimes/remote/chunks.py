@@ -26,10 +26,13 @@ class ChunkError(Exception):
 
 
 class Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int] | None:
+        """DONE's usage; None when the provider left a count out (a usage it could not give is no error)."""
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return None
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
 
 
