@@ -16,7 +16,7 @@ incomplete when the stream ends is dropped, as the standard says.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # A line longer than this is not an event anyone meant to send.
 MAX_LINE_BYTES = 1 << 20
@@ -26,8 +26,7 @@ class SSEError(Exception):
     """The stream is not valid server-sent events (bad UTF-8, an endless line)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):  # a tuple: one per token, built at half a frozen dataclass's cost
     data: str
     event: str = "message"
 
