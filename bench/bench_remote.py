@@ -210,7 +210,8 @@ def main() -> None:
     threads = ", ".join(f"{k.removeprefix('worker_')} {v:.1f}" for k, v in inf_cpu.items() if k.startswith("worker_"))
     total = inf_cpu["worker"] + inf_cpu["broker"] + inf_cpu["client"] + inf_cpu["upstream"]
     print(f"  CPU ms per 1000 tokens, inferd: worker {inf_cpu['worker']:.1f} ({threads}) + broker "
-          f"{inf_cpu['broker']:.1f} + client {inf_cpu['client']:.1f} + upstream {inf_cpu['upstream']:.1f} = {total:.1f}")
+          f"{inf_cpu['broker']:.1f} + client {inf_cpu['client']:.1f} + upstream {inf_cpu['upstream']:.1f} "
+          f"= {total:.1f}")
     verdict = "met" if inf / ref >= TARGET else "MISSED"
     print(f"  ratio {inf / ref:.3f} (target >= {TARGET}: {verdict}); upstream pace {limit:,.0f} tokens/s")
     if args.json:
