@@ -12,10 +12,13 @@ streams and 20 ms). Two clients read the same streams, alternately, in one run:
 
 Each is a closed loop: every one of ``concurrency`` users runs a request of
 ``--tokens`` tokens, then the next, for ``--seconds``. Per run: tokens/s
-(chunks received / wall time), and CPU seconds per 1000 tokens of the reading
-side: the reference client's process; inferd's worker (all threads), its
-broker and its client. Runs alternate, and the figures are medians. Target:
-inferd's tokens/s >= 0.9x the reference's.
+(chunks received / wall time), and CPU milliseconds per 1000 tokens of every
+process at work: the upstream's, the reference client's; inferd's worker (all
+threads, and by thread), its broker and its client. On a machine of few cores
+they all share, the sum of these is what bounds tokens/s; the worker's figure
+is the one that load on the machine does not change much. Runs alternate, each
+pair is printed side by side with its ratio, and the summary takes medians.
+Target: inferd's tokens/s >= 0.9x the reference's.
 
 Usage: ``python bench/bench_remote.py [--quick] [--concurrency 256] [--itl-ms 20] [--tokens 100]
 [--seconds 10] [--repeats 3] [--json FILE]``.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import resource
@@ -75,6 +79,10 @@ def own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def process_cpu(pid: int) -> float:
+    return sum(thread_cpu(pid).values())
+
+
 async def closed_loop(concurrency: int, seconds: float, one_request) -> tuple[int, float]:
     """Run ``one_request`` back to back on ``concurrency`` users for ``seconds``; (tokens, wall s)."""
     stop = time.monotonic() + seconds
@@ -89,8 +97,11 @@ async def closed_loop(concurrency: int, seconds: float, one_request) -> tuple[in
     return sum(counts), time.monotonic() - started
 
 
-async def reference_run(base_url: str, prompt: str, tokens: int, concurrency: int, seconds: float) -> dict:
-    body = json.dumps({"model": "fake-model", "prompt": prompt, "stream": True}).encode()
+async def reference_run(base_url: str, upstream: int, prompt: str, tokens: int, concurrency: int,
+                        seconds: float) -> dict:
+    # The body inferd's worker sends, usage included: the upstream does the same work for both.
+    body = json.dumps({"model": "fake-model", "prompt": prompt, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         async def one() -> int:
             got = 0
@@ -101,18 +112,22 @@ async def reference_run(base_url: str, prompt: str, tokens: int, concurrency: in
                     for event in parser.feed(data):
                         if event.data == "[DONE]":
                             break
-                        if json.loads(event.data)["choices"][0]["text"]:
+                        choices = json.loads(event.data)["choices"]
+                        if choices and choices[0]["text"]:
                             got += 1
             assert got == tokens, got
             return got
 
-        cpu = own_cpu()
+        cpu, upstream0 = own_cpu(), process_cpu(upstream)
         count, wall = await closed_loop(concurrency, seconds, one)
-        cpu = own_cpu() - cpu
-    return {"tokens": count, "wall_s": wall, "tokens_per_s": count / wall, "client_cpu_ms_per_1k": cpu / count * 1e6}
+        cpu, upstream1 = own_cpu() - cpu, process_cpu(upstream)
+    per_1k = 1e6 / count
+    return {"tokens": count, "wall_s": wall, "tokens_per_s": count / wall, "client_cpu_ms_per_1k": cpu * per_1k,
+            "upstream_cpu_ms_per_1k": (upstream1 - upstream0) * per_1k}
 
 
-async def inferd_run(daemon: Daemon, prompt: str, tokens: int, concurrency: int, seconds: float) -> dict:
+async def inferd_run(daemon: Daemon, upstream: int, prompt: str, tokens: int, concurrency: int,
+                     seconds: float) -> dict:
     broker, worker = daemon.children[0], daemon.children[1]
     async with AsyncClient(runtime_dir=daemon.runtime_dir, answer_timeout_s=30, liveness_s=60) as client:
         async def one() -> int:
@@ -122,16 +137,17 @@ async def inferd_run(daemon: Daemon, prompt: str, tokens: int, concurrency: int,
             assert got == tokens, got
             return got
 
-        client0, worker0, broker0 = own_cpu(), thread_cpu(worker), sum(thread_cpu(broker).values())
+        client0, worker0, broker0, upstream0 = own_cpu(), thread_cpu(worker), process_cpu(broker), process_cpu(upstream)
         count, wall = await closed_loop(concurrency, seconds, one)
-        client1, worker1, broker1 = own_cpu(), thread_cpu(worker), sum(thread_cpu(broker).values())
+        client1, worker1, broker1, upstream1 = own_cpu(), thread_cpu(worker), process_cpu(broker), process_cpu(upstream)
     per_1k = 1e6 / count
     threads = {role: (worker1.get(role, 0.0) - worker0.get(role, 0.0)) * per_1k for role in worker1}
     return {"tokens": count, "wall_s": wall, "tokens_per_s": count / wall,
             "worker_cpu_ms_per_1k": sum(threads.values()),
             # main: messaging to the broker; zmq: ZeroMQ's I/O thread; other: the engine and the HTTP loop
             **{f"worker_{role}_cpu_ms_per_1k": v for role, v in sorted(threads.items())},
-            "broker_cpu_ms_per_1k": (broker1 - broker0) * per_1k, "client_cpu_ms_per_1k": (client1 - client0) * per_1k}
+            "broker_cpu_ms_per_1k": (broker1 - broker0) * per_1k, "client_cpu_ms_per_1k": (client1 - client0) * per_1k,
+            "upstream_cpu_ms_per_1k": (upstream1 - upstream0) * per_1k}
 
 
 def median(runs: list[dict], key: str) -> float:
@@ -160,36 +176,42 @@ def main() -> None:
     try:
         daemon.start()
         print(f"{args.concurrency} streams of {args.tokens} tokens, {args.itl_ms:g} ms between tokens: "
-              f"the upstream's pace is {limit:,.0f} tokens/s", flush=True)
-        asyncio.run(inferd_run(daemon, prompt, args.tokens, args.concurrency, 1.0))     # warm both paths
-        asyncio.run(reference_run(base_url, prompt, args.tokens, args.concurrency, 1.0))
-        for _ in range(args.repeats):
-            for side in ("reference", "inferd"):
-                run = (asyncio.run(reference_run(base_url, prompt, args.tokens, args.concurrency, args.seconds))
-                       if side == "reference" else
-                       asyncio.run(inferd_run(daemon, prompt, args.tokens, args.concurrency, args.seconds)))
-                results[side].append(run)
-                print(f"  {side:9s} " + "  ".join(f"{k} {v:,.1f}" for k, v in run.items()), flush=True)
+              f"the upstream's pace is {limit:,.0f} tokens/s; load average {os.getloadavg()[0]:.2f}", flush=True)
+        reference = functools.partial(reference_run, base_url, upstream.pid, prompt, args.tokens, args.concurrency)
+        through = functools.partial(inferd_run, daemon, upstream.pid, prompt, args.tokens, args.concurrency)
+        asyncio.run(through(1.0))     # warm both paths
+        asyncio.run(reference(1.0))
+        for i in range(args.repeats):
+            ref = asyncio.run(reference(args.seconds))
+            inf = asyncio.run(through(args.seconds))
+            results["reference"].append(ref)
+            results["inferd"].append(inf)
+            print(f"  run {i + 1}: reference {ref['tokens_per_s']:,.0f} tokens/s | inferd {inf['tokens_per_s']:,.0f} "
+                  f"tokens/s | ratio {inf['tokens_per_s'] / ref['tokens_per_s']:.3f} (load {os.getloadavg()[0]:.2f})",
+                  flush=True)
     finally:
         daemon.stop()
         upstream.terminate()
         upstream.wait()
     ref, inf = median(results["reference"], "tokens_per_s"), median(results["inferd"], "tokens_per_s")
+    cpu = {side: {key.removesuffix("_cpu_ms_per_1k"): median(results[side], key) for key in results[side][0]
+                  if key.endswith("_cpu_ms_per_1k")} for side in results}
     summary = {
         "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "runs": results,
-        "upstream_limit_tokens_per_s": limit,
+        "upstream_limit_tokens_per_s": limit, "loadavg_at_end": os.getloadavg()[0],
         "reference_tokens_per_s": ref, "inferd_tokens_per_s": inf, "ratio": inf / ref,
-        "reference_client_cpu_ms_per_1k": median(results["reference"], "client_cpu_ms_per_1k"),
-        "inferd_worker_cpu_ms_per_1k": median(results["inferd"], "worker_cpu_ms_per_1k"),
-        "inferd_broker_cpu_ms_per_1k": median(results["inferd"], "broker_cpu_ms_per_1k"),
-        "inferd_client_cpu_ms_per_1k": median(results["inferd"], "client_cpu_ms_per_1k"),
+        "cpu_ms_per_1k_tokens": cpu,
     }
-    print(f"\nmedians over {args.repeats} run(s) each:")
-    print(f"  reference (plain aiohttp) {ref:,.0f} tokens/s, client CPU "
-          f"{summary['reference_client_cpu_ms_per_1k']:.1f} ms per 1000 tokens")
-    print(f"  inferd (one remote worker) {inf:,.0f} tokens/s, worker CPU "
-          f"{summary['inferd_worker_cpu_ms_per_1k']:.1f} ms per 1000 tokens (broker "
-          f"{summary['inferd_broker_cpu_ms_per_1k']:.1f}, client {summary['inferd_client_cpu_ms_per_1k']:.1f})")
+    print(f"\nmedians over {args.repeats} run(s) each (load average now {os.getloadavg()[0]:.2f}):")
+    print(f"  tokens/s:  reference (plain aiohttp) {ref:,.0f} | inferd (one remote worker) {inf:,.0f}")
+    ref_cpu, inf_cpu = cpu["reference"], cpu["inferd"]
+    print(f"  CPU ms per 1000 tokens, reference: client {ref_cpu['client']:.1f} + upstream {ref_cpu['upstream']:.1f}"
+          f" = {ref_cpu['client'] + ref_cpu['upstream']:.1f}")
+    threads = ", ".join(f"{k.removeprefix('worker_')} {v:.1f}" for k, v in inf_cpu.items() if k.startswith("worker_"))
+    total = inf_cpu["worker"] + inf_cpu["broker"] + inf_cpu["client"] + inf_cpu["upstream"]
+    print(f"  CPU ms per 1000 tokens, inferd: worker {inf_cpu['worker']:.1f} ({threads}) + broker "
+          f"{inf_cpu['broker']:.1f} + client {inf_cpu['client']:.1f} + upstream {inf_cpu['upstream']:.1f} "
+          f"= {total:.1f}")
     verdict = "met" if inf / ref >= TARGET else "MISSED"
     print(f"  ratio {inf / ref:.3f} (target >= {TARGET}: {verdict}); upstream pace {limit:,.0f} tokens/s")
     if args.json:

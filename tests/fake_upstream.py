@@ -233,6 +233,11 @@ class FakeUpstream:
             await self._send(resp, self._event(chat, {"content": text} if chat else text, None), piece)
             call.chunks += 1
         await self._send(resp, self._event(chat, {} if chat else "", finish), piece)
+        if (call.body.get("stream_options") or {}).get("include_usage"):  # as OpenAI: no choices, the counts
+            usage = {"prompt_tokens": self._prompt_tokens(call.body, chat), "completion_tokens": len(words),
+                     "total_tokens": self._prompt_tokens(call.body, chat) + len(words)}
+            await self._send(resp, b"data: " + json.dumps({"id": "fake-1", "model": self.model, "choices": [],
+                                                           "usage": usage}).encode() + b"\n\n", piece)
         await self._send(resp, b"data: [DONE]\n\n", piece)
         call.completed = True
         await resp.write_eof()
@@ -253,6 +258,13 @@ class FakeUpstream:
             message = f"Incorrect API key provided: {call.headers.get('Authorization', '').removeprefix('Bearer ')}"
         return web.json_response({"error": {"message": message, "type": "fake", "code": status}}, status=status,
                                  headers=headers)
+
+    @staticmethod
+    def _prompt_tokens(body: dict[str, Any], chat: bool) -> int:
+        """Its usage's prompt_tokens: the words of the prompt, or of every message."""
+        if chat:
+            return sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+        return len(str(body.get("prompt", "")).split())
 
     def _output(self, body: dict[str, Any], chat: bool) -> tuple[list[str], str]:
         if chat:

@@ -236,8 +236,8 @@ SPECS: dict[str, RuntimeSpec] = {
         chunk_joiner="",
         transport="remote",
         chat=True,  # with api = "chat"; a completions API refuses messages (BAD_REQUEST from the worker)
-        requires=("aiohttp",),
-        install_hint="pip install aiohttp",
+        requires=("aiohttp", "msgspec"),
+        install_hint="pip install aiohttp msgspec",
         check_options=_remote_options_problem,
     ),
 }

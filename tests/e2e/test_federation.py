@@ -53,8 +53,15 @@ def test_a_remote_deployment_on_inferds_own_gateway_streams_what_the_other_daemo
                 direct = far.complete("tiny", prompt, **params)
                 assert near.complete("fed-tiny", prompt, **params) == direct
         stream = near.generate("fed-tiny", "Hello", max_tokens=5)
-        assert "".join(c.text for c in stream) == far.complete("tiny", "Hello", max_tokens=5)
+        direct = far.generate("tiny", "Hello", max_tokens=5)
+        assert "".join(c.text for c in stream) == "".join(c.text for c in direct)
         assert stream.finish_reason == "length"
+        # The usage the far gateway streams (stream_options.include_usage) is the near DONE's: the
+        # model's own counts for tiny, the gateway's (prompt words, chunks) for echo, which counts none.
+        assert stream.usage == direct.usage and direct.usage["completion_tokens"] == 5
+        echoed = near.generate("fed-echo", "one two three")
+        assert [c.text for c in echoed if c.text] == ["one", " two", " three"]
+        assert echoed.usage == {"prompt_tokens": 3, "completion_tokens": 3}
     # The first daemon's Prometheus metrics count what its providers did (the figures ride heartbeats).
     def upstream_figures() -> dict:
         reply = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{near_port}/metrics",
@@ -63,10 +70,11 @@ def test_a_remote_deployment_on_inferds_own_gateway_streams_what_the_other_daemo
                 for family in text_string_to_metric_families(reply.read().decode()) for s in family.samples
                 if s.name.startswith("inferd_upstream")}
     calls = 2 * len(PROMPTS) + 1
+    echo_calls = len(PROMPTS) + 1
     figures = wait_for(lambda: (f := upstream_figures()).get(
-        ("inferd_upstream_responses_total", (("deployment", "fed-tiny"), ("status", "200")))) == calls and f, 5,
+        ("inferd_upstream_responses_total", (("deployment", "fed-tiny"), ("status", "200")))) == calls
+        and f.get(("inferd_upstream_attempts_total", (("deployment", "fed-echo"),))) == echo_calls and f, 5,
         what="the upstream figures in /metrics")
     assert figures[("inferd_upstream_time_to_first_token_seconds_count", (("deployment", "fed-tiny"),))] == calls
-    assert figures[("inferd_upstream_attempts_total", (("deployment", "fed-echo"),))] == len(PROMPTS)
     assert figures[("inferd_upstream_up", (("deployment", "fed-tiny"), ("upstream", f"http://127.0.0.1:{port}/v1"),
                                            ("worker", "fed-tiny-0")))] == 1

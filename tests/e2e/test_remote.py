@@ -64,6 +64,7 @@ def test_streams_through_inferd_with_params_and_the_key(remote_daemon, upstream)
         stream = client.generate("cloud", WORDS, max_tokens=5, temperature=0.0)
         assert "".join(c.text for c in stream) == "alpha beta gamma delta epsilon"
         assert stream.finish_reason == "length"
+        assert stream.usage == {"prompt_tokens": 8, "completion_tokens": 5}   # the upstream's, through DONE
         assert client.complete("cloud", WORDS) == WORDS
         with pytest.raises(errors.BadRequest, match="delay_ms: unknown"):
             client.complete("cloud", WORDS, delay_ms=5)

@@ -99,12 +99,16 @@ def test_chat_stream_sends_params_key_and_headers(upstream, make_harness):
     call = upstream.completion_calls()[-1]
     assert call.path == "/v1/chat/completions"
     assert call.body == {"model": "fake-model", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 3,
-                         "temperature": 0.5, "top_p": 0.9, "seed": 7, "stop": ["\n"], "stream": True}
+                         "temperature": 0.5, "top_p": 0.9, "seed": 7, "stop": ["\n"], "stream": True,
+                         "stream_options": {"include_usage": True}}
     assert call.headers["Authorization"] == f"Bearer {KEY}"
     assert call.headers["X-Org"] == "inferd"
     assert call.completed and not call.disconnected
+    # The upstream's usage event (asked for with stream_options) is the final output's usage.
+    assert final.usage == {"prompt_tokens": 5, "completion_tokens": 3}
     final, text = h.run(PROMPT)
     assert (final.finish_reason, text) == ("stop", PROMPT)
+    assert final.usage == {"prompt_tokens": 5, "completion_tokens": 5}
 
 
 def test_chat_messages_are_sent_as_given(upstream, make_harness):
@@ -121,6 +125,7 @@ def test_completions_api(upstream, make_harness):
     assert (final.finish_reason, text) == ("length", "the quick")
     call = upstream.completion_calls()[-1]
     assert call.path == "/v1/completions" and call.body["prompt"] == PROMPT
+    assert final.usage == {"prompt_tokens": 5, "completion_tokens": 2}
     with pytest.raises(RequestRejected, match="completions API"):
         h.runner.admit(RunRequest(99, "", {}, messages=[{"role": "user", "content": "x"}]))
 

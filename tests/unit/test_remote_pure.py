@@ -7,6 +7,7 @@ import random
 import pytest
 
 from inferd import config, runtimes
+from inferd.runtimes.remote.chunks import ChunkError, decode, error_message
 from inferd.runtimes.remote.retry import MAX_DELAY_S, Backoff, plan_retry, retry_after_s, should_retry
 from inferd.runtimes.remote.sse import Event, SSEError, SSEParser
 from inferd.runtimes.remote.upstreams import Upstreams
@@ -52,7 +53,41 @@ def test_sse_bad_utf8_and_endless_line_are_errors():
     with pytest.raises(SSEError, match="UTF-8"):
         SSEParser().feed(b"data: \xff\xfe\n\n")
     with pytest.raises(SSEError, match="exceeds"):
-        SSEParser(max_line_chars=100).feed(b"data: " + b"x" * 200)
+        SSEParser(max_line_bytes=100).feed(b"data: " + b"x" * 200)
+
+
+def test_chunk_decode_text_finish_and_usage():
+    chat = '{"id": "x", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hé"}, "logprobs": null, '\
+           '"finish_reason": null}], "usage": null}'
+    assert decode(chat, chat=True) == ("hé", None, None)
+    assert decode('{"choices": [{"delta": {}, "finish_reason": "length"}]}', chat=True) == ("", "length", None)
+    assert decode('{"choices": [{"text": " b", "finish_reason": "stop"}]}', chat=False) == (" b", "stop", None)
+    text, reason, usage = decode('{"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2, '
+                                 '"total_tokens": 6}}', chat=True)
+    assert (text, reason, usage.as_dict()) == ("", None, {"prompt_tokens": 4, "completion_tokens": 2})
+    _, _, partial = decode('{"choices": [], "usage": {"prompt_tokens": null, "completion_tokens": 2}}', chat=True)
+    assert partial.as_dict() is None
+
+
+@pytest.mark.parametrize("data, error_event, kind, message", [
+    ('{"choices": [{"delta": {"content": "x"', False, "invalid_json", "not JSON"),
+    ('{"error": {"message": "the model overheated"}}', False, "stream_error", "the model overheated"),
+    ('{"message": "busy"}', True, "stream_error", "busy"),
+    ('{"id": "no choices"}', False, "invalid_json", "without choices"),
+    ('{"choices": [{"text": 5}]}', False, "invalid_json", "malformed"),
+    ('{"choices": "many"}', False, "invalid_json", "malformed"),
+    ('[1, 2]', False, "invalid_json", "malformed"),
+])
+def test_chunk_decode_errors_are_typed(data, error_event, kind, message):
+    with pytest.raises(ChunkError, match=message) as caught:
+        decode(data, chat=False, error_event=error_event)
+    assert caught.value.kind == kind
+
+
+def test_error_message_of_a_body():
+    assert error_message(b'{"error": {"message": "bad key"}}') == "bad key"
+    assert error_message(b'{"error": "plain"}') == "plain"
+    assert error_message(b"<html>502</html>") == "<html>502</html>"
 
 
 def test_retry_after_forms():

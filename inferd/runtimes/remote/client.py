@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import random
 import time
@@ -37,9 +36,11 @@ from inferd.errors import ErrorCode
 from inferd.metrics import REQUEST_BUCKETS_S, TTFT_BUCKETS_S, Distribution
 from inferd.protocol import FINISH_LENGTH, FINISH_STOP
 from inferd.runtimes.base import Output, RunRequest
+from inferd.runtimes.remote.chunks import ChunkError, Usage, decode, error_message
+from inferd.runtimes.remote.idle import ReadWatchdog, Watch
 from inferd.runtimes.remote.retry import plan_retry, retry_after_s, should_retry
 from inferd.runtimes.remote.settings import Settings
-from inferd.runtimes.remote.sse import Event, SSEError, SSEParser
+from inferd.runtimes.remote.sse import SSEError, SSEParser
 from inferd.runtimes.remote.upstreams import Upstream, Upstreams
 
 log = logging.getLogger("inferd.remote")
@@ -70,22 +71,6 @@ def code_for_status(status: int) -> ErrorCode:
     if status == 429:
         return ErrorCode.BACKPRESSURE
     return ErrorCode.UPSTREAM_ERROR
-
-
-def error_message(raw: bytes) -> str:
-    """The message of an OpenAI-style error body (``{"error": {"message": ...}}``), else its text."""
-    text = raw.decode("utf-8", errors="replace").strip()
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return text[:500]
-    if isinstance(obj, dict):
-        err = obj.get("error", obj)
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return err["message"][:500]
-        if isinstance(err, str):
-            return err[:500]
-    return text[:500]
 
 
 class Stats:
@@ -124,12 +109,15 @@ class UpstreamClient:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         # One pool for the worker: a connection per stream it may hold, and one for probes per upstream.
+        # aiohttp's sock_read bounds the wait for the headers; the watchdog, the wait between chunks.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=capacity + len(settings.urls), limit_per_host=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
                                           sock_read=settings.read_timeout_s))
+        self.watchdog = ReadWatchdog(settings.read_timeout_s)
 
     async def close(self) -> None:
+        await self.watchdog.close()
         await self.session.close()
 
     def scrub(self, text: str) -> str:
@@ -175,7 +163,8 @@ class UpstreamClient:
                 f"{sent[0]} chunk(s) streamed)")))
             return
         self.stats.latency_ms.add((time.monotonic() - started) * 1000)
-        self.emit(Output(rid, None, finish))
+        reason, usage = finish
+        self.emit(Output(rid, None, reason, usage=usage.as_dict() if usage is not None else None))
 
     def _fail(self, rid: int, failure: UpstreamFailure, upstream: Upstream, attempts: int, sent: int) -> None:
         details: dict[str, Any] = {"upstream": upstream.url, "kind": failure.kind, "attempts": attempts}
@@ -193,8 +182,9 @@ class UpstreamClient:
             details["retry_after_ms"] = max(1, round(wait * 1000))
         self.emit(Output(rid, error=code, message=self.scrub(message), details=details))
 
-    async def _attempt(self, upstream: Upstream, body: bytes, rid: int, sent: list[int]) -> str:
-        """One call to ``upstream``; returns the finish reason, or raises UpstreamFailure."""
+    async def _attempt(self, upstream: Upstream, body: bytes, rid: int, sent: list[int]) -> tuple[str, Usage | None]:
+        """One call to ``upstream``; returns the finish reason and the usage it reported, or raises
+        UpstreamFailure."""
         self.stats.attempts += 1
         began = time.monotonic()
         where = upstream.url
@@ -203,11 +193,14 @@ class UpstreamClient:
                 self.stats.status[resp.status] += 1
                 if resp.status != 200:
                     raise await self._status_failure(upstream, resp)
+                watch = self.watchdog.watch(resp)
                 try:
-                    return await self._read_stream(resp, upstream, rid, sent, began)
+                    return await self._read_stream(resp, upstream, rid, sent, began, watch)
                 except BaseException:
                     resp.close()  # a cancel, a failure: the connection goes now, never back to the pool
                     raise
+                finally:
+                    self.watchdog.unwatch(watch)
         except UpstreamFailure:
             raise
         except TimeoutError as exc:  # aiohttp's read or connect timeout (the deadline cancels instead)
@@ -224,13 +217,17 @@ class UpstreamClient:
         raise failure
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, upstream: Upstream, rid: int, sent: list[int],
-                           began: float) -> str:
+                           began: float, watch: Watch) -> tuple[str, Usage | None]:
         self.upstreams.succeeded(upstream)
         parser = SSEParser()
         chat = self.settings.api == "chat"
+        emit = self.emit
         finish: str | None = None
+        usage: Usage | None = None
         events_seen = 0
-        async for data in resp.content.iter_any():
+        read = resp.content.readany  # what iter_any() calls, without its iterator's frame per read
+        while data := await read():
+            watch.reads += 1
             try:
                 events = parser.feed(data)
             except SSEError as exc:
@@ -240,17 +237,23 @@ class UpstreamClient:
             for event in events:
                 if event.data == "[DONE]":
                     await self._drain(resp)
-                    return finish or FINISH_STOP
-                text, reason = self._parse(event, upstream.url, chat)
+                    return finish or FINISH_STOP, usage
+                try:
+                    text, reason, reported = decode(event.data, chat, event.event == "error")
+                except ChunkError as exc:
+                    raise UpstreamFailure(ErrorCode.UPSTREAM_ERROR, f"upstream {upstream.url} sent {exc.message}",
+                                          exc.kind, retryable=False) from None
                 if text:
                     if not sent[0]:
                         self.stats.first_token_ms.add((time.monotonic() - began) * 1000)
                     sent[0] += 1
-                    self.emit(Output(rid, text))
+                    emit(Output(rid, text))
                 if reason:  # the protocol's two: "length", or "stop" for every other end (content_filter...)
                     finish = FINISH_LENGTH if reason == FINISH_LENGTH else FINISH_STOP
+                if reported is not None:
+                    usage = reported
         if finish:  # it said how it finished, then closed without [DONE]: nothing is missing
-            return finish
+            return finish, usage
         if not events_seen:  # a whole answer that is no event stream (a JSON body): trying again won't help
             raise UpstreamFailure(ErrorCode.UPSTREAM_ERROR, f"upstream {upstream.url} answered 200 without an event "
                                   f"stream (Content-Type: {resp.content_type})", "invalid_stream", retryable=False)
@@ -269,33 +272,6 @@ class UpstreamClient:
                     pass
         except (TimeoutError, aiohttp.ClientError):
             resp.close()
-
-    @staticmethod
-    def _parse(event: Event, url: str, chat: bool) -> tuple[str, str | None]:
-        """An event's text and finish reason; an error event or a malformed one raises."""
-        try:
-            obj = json.loads(event.data)
-        except ValueError:
-            raise UpstreamFailure(ErrorCode.UPSTREAM_ERROR, f"upstream {url} sent an event that is not JSON: "
-                                  f"{event.data[:200]!r}", "invalid_json", retryable=False) from None
-        if event.event == "error" or (isinstance(obj, dict) and obj.get("error")):
-            message = error_message(event.data.encode())
-            raise UpstreamFailure(ErrorCode.UPSTREAM_ERROR, f"upstream {url} reported an error in the stream: "
-                                  f"{message}", "stream_error", retryable=False)
-        try:
-            choices = obj["choices"]
-            if not choices:  # a usage-only event
-                return "", None
-            choice = choices[0]
-            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-            reason = choice.get("finish_reason")
-        except (KeyError, TypeError, AttributeError, IndexError):
-            raise UpstreamFailure(ErrorCode.UPSTREAM_ERROR, f"upstream {url} sent an event without choices: "
-                                  f"{event.data[:200]!r}", "invalid_json", retryable=False) from None
-        if not isinstance(text, (str, type(None))) or not isinstance(reason, (str, type(None))):
-            raise UpstreamFailure(ErrorCode.UPSTREAM_ERROR, f"upstream {url} sent a malformed event: "
-                                  f"{event.data[:200]!r}", "invalid_json", retryable=False)
-        return text or "", reason
 
     async def _status_failure(self, upstream: Upstream, resp: aiohttp.ClientResponse) -> UpstreamFailure:
         status = resp.status

@@ -54,7 +54,9 @@ class Settings:
 
     def body(self, request: RunRequest) -> bytes:
         """The JSON body of the upstream call: the request's prompt (or chat messages) and its
-        sampling params, which have the OpenAI API's names and meanings."""
+        sampling params, which have the OpenAI API's names and meanings. It asks for the usage
+        (``stream_options.include_usage``: a last event with the token counts), which the
+        request's DONE then carries."""
         if self.api == "chat":
             messages = request.messages or [{"role": "user", "content": request.prompt}]
             body: dict[str, Any] = {"model": self.model, "messages": messages}
@@ -65,4 +67,5 @@ class Settings:
             body = {"model": self.model, "prompt": request.prompt}
         body.update(request.params)
         body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
         return json.dumps(body).encode()
