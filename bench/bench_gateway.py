@@ -6,6 +6,8 @@ Serve runs alone afterwards (an idle Ray cluster takes CPU from whoever runs
 beside it):
 
 * inferd: a daemon with one echo worker and its gateway (POST /v1/completions);
+* the floor: ``http_floor.py``, a bare aiohttp server answering the same requests itself, which
+  is what the gateway's HTTP server alone costs on this machine (run beside inferd);
 * LitServe and Ray Serve: the echo servers of ``bench/peers/``, run by a
   separate virtual environment that this script creates and fills with pip
   (``--peers-venv``, default ``bench/.peers-venv``): never inferd's
@@ -287,6 +289,20 @@ def start_inferd(home: Path) -> tuple[System, str]:
     return system, f"ipc://{run_dir}/frontend.sock"
 
 
+def start_floor(home: Path) -> System:
+    """``http_floor.py``: the same requests answered by a bare aiohttp server, inferd's interpreter."""
+    port = free_port()
+    system = System("aiohttp alone (the floor)", port,
+                    http_request("/v1/completions", {"model": "echo", "prompt": "ping"}),
+                    http_request("/v1/completions", {"model": "echo", "prompt": STREAM_PROMPT, "stream": True}))
+    log = open(home / "floor.log", "ab")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "http_floor.py"), str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    system.procs.append(proc)
+    wait_http(port, system.plain, b"ping", proc, 30)
+    return system
+
+
 def ensure_peers(venv_dir: Path) -> tuple[Path | None, str]:
     """The peers' interpreter, creating and filling their venv if needed; or None and why not."""
     python = venv_dir / "bin" / "python"
@@ -379,14 +395,18 @@ def main() -> None:
         results["peers_venv"] = how
         if python is None:
             print(f"peers not measured: {how}", flush=True)
-        # LitServe runs beside inferd and they alternate; Ray Serve runs alone afterwards (an idle Ray
-        # cluster takes CPU from whoever runs beside it).
+        # The floor and LitServe run beside inferd and they alternate; Ray Serve runs alone afterwards
+        # (an idle Ray cluster takes CPU from whoever runs beside it).
+        floor = start_floor(home)
+        running.append(floor)
         litserve = _start_or_say("litserve", python, home, results) if python else None
         if litserve:
             running.append(litserve)
-        figures = measure([system, *([litserve] if litserve else [])], seconds, warmup, ROUNDS if litserve else 1)
+        alongside = [floor, *([litserve] if litserve else [])]
+        figures = measure([system, *alongside], seconds, warmup, ROUNDS)
         results["inferd"] = figures[system.name]
-        for done in ([litserve] if litserve else []) + [system]:
+        results["floor"] = figures[floor.name]
+        for done in [*alongside, system]:
             done.stop()
             running.remove(done)
         if litserve:
@@ -411,7 +431,8 @@ def main() -> None:
 
 def report(r: dict) -> None:
     rows = [("inferd gateway (HTTP)", r["inferd"]), ("inferd ZeroMQ client path", r["inferd_zmq"])]
-    rows += [(name, r[key]) for key, name in (("litserve", "LitServe"), ("ray", "Ray Serve"))
+    rows += [(name, r[key]) for key, name in (("floor", "aiohttp alone (the floor)"), ("litserve", "LitServe"),
+                                              ("ray", "Ray Serve"))
              if key in r and "error" not in r[key]]
     print(f"\n{'system':28} {'plain req/s':>12} {'p50 µs':>8} {'p99 µs':>8}   {'stream req/s':>12} {'p50 µs':>8} "
           f"{'p99 µs':>8}")
@@ -428,6 +449,9 @@ def report(r: dict) -> None:
         gw, zq = r["inferd"][kind], r["inferd_zmq"][kind]
         print(f"64 in flight, {kind}: gateway p50 {gw['p50_us']} µs vs ZeroMQ path {zq['p50_us']} µs "
               f"(+{gw['p50_us'] - zq['p50_us']} µs); req/s {gw['req_s'] / zq['req_s']:.2f}x the ZeroMQ path")
+    for kind in ("plain", "stream"):
+        gw, fl = r["inferd"][kind], r["floor"][kind]
+        print(f"vs aiohttp alone, {kind}: {gw['req_s'] / fl['req_s']:.2f}x its req/s, p50 +{gw['p50_us'] - fl['p50_us']} µs")
     if "litserve" in r and "error" not in r["litserve"]:
         for kind in ("plain", "stream"):
             gw, ls = r["inferd"][kind], r["litserve"][kind]

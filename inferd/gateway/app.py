@@ -124,7 +124,7 @@ class Gateway:
 
     def app(self) -> web.Application:
         gw = self.config.gateway
-        app = web.Application(client_max_size=gw.max_body_bytes, middlewares=[self._errors, self._auth])
+        app = web.Application(client_max_size=gw.max_body_bytes, middlewares=[self._guard])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -137,10 +137,13 @@ class Gateway:
     # --- middlewares ------------------------------------------------------------------------
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                      ) -> web.StreamResponse:
-        """Every error in OpenAI's JSON shape; aiohttp's own (404, 405, 413) included."""
+    async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+        """The API key check, then every error in OpenAI's JSON shape, aiohttp's own (404, 405, 413)
+        included. One middleware, not two: each is a coroutine layer on every request."""
         try:
+            if self.api_keys and request.path not in OPEN_PATHS:
+                self._check_key(request)
             return await handler(request)
         except api.ApiError as exc:
             return error_response(exc)
@@ -154,22 +157,18 @@ class Gateway:
                                                headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers
                                                else None))
 
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                    ) -> web.StreamResponse:
-        if self.api_keys and request.path not in OPEN_PATHS:
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            given = token.strip().encode()
-            # Compared with every key, in constant time each: neither the answer nor its timing
-            # tells which keys exist.
-            matched = False
-            for key in self.api_keys:
-                matched |= hmac.compare_digest(given, key)
-            if scheme.lower() != "bearer" or not matched:
-                raise api.ApiError(401, "missing or invalid API key: send Authorization: Bearer <key>",
-                                   "authentication_error", "invalid_api_key",
-                                   headers={"WWW-Authenticate": 'Bearer realm="inferd"'})
-        return await handler(request)
+    def _check_key(self, request: web.Request) -> None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        given = token.strip().encode()
+        # Compared with every key, in constant time each: neither the answer nor its timing
+        # tells which keys exist.
+        matched = False
+        for key in self.api_keys:
+            matched |= hmac.compare_digest(given, key)
+        if scheme.lower() != "bearer" or not matched:
+            raise api.ApiError(401, "missing or invalid API key: send Authorization: Bearer <key>",
+                               "authentication_error", "invalid_api_key",
+                               headers={"WWW-Authenticate": 'Bearer realm="inferd"'})
 
     # --- completions ------------------------------------------------------------------------
 

@@ -23,6 +23,23 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WORKER_STATES = ("starting", "loading", "warming", "ready", "rebuilding", "poisoned", "restarting", "failed",
                  "stopped")
 
+# One sample per deployment: (family, metric name, help, key in the deployment's METRICS).
+PER_DEPLOYMENT = (
+    (GaugeMetricFamily, "inferd_requests_waiting", "Requests in the queue.", "queued"),
+    (GaugeMetricFamily, "inferd_requests_running", "Requests dispatched to a worker and not finished.", "in_flight"),
+    (CounterMetricFamily, "inferd_prompt_tokens", "Prompt tokens, as the workers report them.", "prompt_tokens"),
+    (CounterMetricFamily, "inferd_generation_tokens", "Generated tokens (chunks streamed).", "generated_tokens"),
+    (CounterMetricFamily, "inferd_backpressure_rejections", "Requests refused or evicted because the queue was full.",
+     "rejected_backpressure"),
+)
+
+# A remote deployment's counters, summed over its workers: (metric name, help, key in a worker's figures).
+UPSTREAM_COUNTERS = (
+    ("inferd_upstream_attempts", "Calls to remote providers, retries included.", "attempts"),
+    ("inferd_upstream_retries", "Calls retried before the first token.", "retries"),
+    ("inferd_upstream_failovers", "Retries sent to another upstream.", "failovers"),
+)
+
 # broker distribution -> (metric name, help)
 HISTOGRAMS = {
     "queue_ms": ("inferd_request_queue_time_seconds", "Time requests waited in the queue before dispatch."),
@@ -53,26 +70,16 @@ class BrokerCollector:
         deployments = sorted(self.metrics)
         finals = CounterMetricFamily("inferd_requests", "Requests by final reply: OK, or the error code.",
                                      labels=["deployment", "code"])
-        waiting = GaugeMetricFamily("inferd_requests_waiting", "Requests in the queue.", labels=["deployment"])
-        running = GaugeMetricFamily("inferd_requests_running", "Requests dispatched to a worker and not finished.",
-                                    labels=["deployment"])
-        prompt = CounterMetricFamily("inferd_prompt_tokens", "Prompt tokens, as the workers report them.",
-                                     labels=["deployment"])
-        generated = CounterMetricFamily("inferd_generation_tokens", "Generated tokens (chunks streamed).",
-                                        labels=["deployment"])
-        rejected = CounterMetricFamily("inferd_backpressure_rejections",
-                                       "Requests refused or evicted because the queue was full.",
-                                       labels=["deployment"])
+        simple = [(kind(metric, help_text, labels=["deployment"]), key)
+                  for kind, metric, help_text, key in PER_DEPLOYMENT]
         for name in deployments:
             m = self.metrics[name]
             for code, count in sorted(m.get("finals", {}).items()):
                 finals.add_metric([name, code], count)
-            waiting.add_metric([name], m["queued"])
-            running.add_metric([name], m["in_flight"])
-            prompt.add_metric([name], m["prompt_tokens"])
-            generated.add_metric([name], m["generated_tokens"])
-            rejected.add_metric([name], m["rejected_backpressure"])
-        yield from (finals, waiting, running, prompt, generated, rejected)
+            for family, key in simple:
+                family.add_metric([name], m[key])
+        yield finals
+        yield from (family for family, _ in simple)
         for key, (metric, help_text) in HISTOGRAMS.items():
             family = HistogramMetricFamily(metric, help_text, labels=["deployment"])
             for name in deployments:
@@ -105,12 +112,8 @@ class BrokerCollector:
     def _upstream(self, deployments: list[str]) -> Iterator[Metric]:
         """Remote deployments: what their providers did, summed over each deployment's workers
         (counters and histograms add up; a restarted worker starts its own from zero)."""
-        attempts = CounterMetricFamily("inferd_upstream_attempts", "Calls to remote providers, retries included.",
-                                       labels=["deployment"])
-        retries = CounterMetricFamily("inferd_upstream_retries", "Calls retried before the first token.",
-                                      labels=["deployment"])
-        failovers = CounterMetricFamily("inferd_upstream_failovers", "Retries sent to another upstream.",
-                                        labels=["deployment"])
+        sums = [(CounterMetricFamily(metric, help_text, labels=["deployment"]), key)
+                for metric, help_text, key in UPSTREAM_COUNTERS]
         responses = CounterMetricFamily("inferd_upstream_responses", "Provider answers by HTTP status.",
                                         labels=["deployment", "status"])
         errors = CounterMetricFamily("inferd_upstream_errors", "Failed calls by kind: status, timeout, connection, "
@@ -124,19 +127,15 @@ class BrokerCollector:
             per_worker = self.metrics[name].get("upstream", {})
             if not per_worker:
                 continue
-            sums: dict[str, Any] = {"attempts": 0, "retries": 0, "failovers": 0}
             status: dict[str, int] = {}
             kinds: dict[str, int] = {}
             for figures in per_worker.values():
-                for key in sums:
-                    sums[key] += figures.get(key, 0)
                 for code, n in figures.get("status", {}).items():
                     status[code] = status.get(code, 0) + n
                 for kind, n in figures.get("errors", {}).items():
                     kinds[kind] = kinds.get(kind, 0) + n
-            attempts.add_metric([name], sums["attempts"])
-            retries.add_metric([name], sums["retries"])
-            failovers.add_metric([name], sums["failovers"])
+            for family, key in sums:
+                family.add_metric([name], sum(figures.get(key, 0) for figures in per_worker.values()))
             for code, n in sorted(status.items()):
                 responses.add_metric([name, code], n)
             for kind, n in sorted(kinds.items()):
@@ -151,7 +150,8 @@ class BrokerCollector:
         for row in self.status.get("workers", []):
             for u in row.get("runner", {}).get("upstreams", []):
                 up.add_metric([row["deployment"], row["id"], u["url"]], 1 if u["state"] == "ok" else 0)
-        yield from (attempts, retries, failovers, responses, errors, up, *histograms.values())
+        yield from (family for family, _ in sums)
+        yield from (responses, errors, up, *histograms.values())
 
 
 class Exporter:
