@@ -167,6 +167,23 @@ def _error(body: dict[str, Any]) -> errors.InferdError:
     return errors.from_wire(str(body.get("code")), str(body.get("message", "")), body.get("details"))
 
 
+_REPLIES = frozenset({P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR, P.PONG})
+
+
+def _replies(frames: list[bytes]) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """The replies in one message from the broker: ``[IFDC2, command, body, command, body, ...]``.
+    Anything else is skipped: the broker only sends well-formed messages."""
+    if frames[0] != P.CLIENT or not len(frames) & 1:
+        return
+    for i in range(1, len(frames), 2):
+        command = frames[i]
+        if command in _REPLIES:
+            try:
+                yield command, P.unpack(frames[i + 1])
+            except P.ProtocolError:
+                continue
+
+
 class _Tracker:
     """Liveness for one request: when to ping, and when to give up."""
 
@@ -315,22 +332,17 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._sock.poll(remaining * 1000, zmq.POLLIN):
                 return None
+            inbox = self._inbox
             while True:
                 try:
                     frames = zmqio.recv(self._sock, zmqio.DONTWAIT)
                 except zmq.Again:
                     break
-                self._deliver(frames)
+                for command, body in _replies(frames):
+                    other = inbox.get(body.get("id"))
+                    if other is not None:
+                        other.append((command, body))
         return box.popleft()
-
-    def _deliver(self, frames: list[bytes]) -> None:
-        try:
-            command, body = P.decode(P.CLIENT, frames, frozenset({P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR, P.PONG}))
-        except P.ProtocolError:
-            return  # not ours to handle; the broker only sends well-formed messages
-        box = self._inbox.get(body.get("id"))
-        if box is not None:
-            box.append((command, body))
 
 
 class Stream:
@@ -366,13 +378,12 @@ class Stream:
 
     def __next__(self) -> Chunk:
         while not self._finished:
-            message = self._next_message()
-            command, body = message
-            if command == P.ACCEPTED:
+            command, body = self._next_message()
+            if not self._accepted and "epoch" in body:  # the first reply of an accepted request
                 self._accepted = self._tracker.accepted = True
-                self._epoch = body.get("epoch")
+                self._epoch = body["epoch"]
                 self.join = body.get("join", "")
-            elif command == P.CHUNK:
+            if command == P.CHUNK:
                 gap = _gap(self._last.index + 1 if self._last else 0, body)
                 if gap:
                     self.close()
@@ -387,10 +398,9 @@ class Stream:
                     raise gap
                 self.finish_reason = body.get("finish_reason")
                 self.usage = body.get("usage")
-                if self._last is None or self._last.finish_reason is None:
-                    # The runtime could not mark its last chunk: close the stream with an empty one.
-                    index = self._last.index + 1 if self._last else 0
-                    return Chunk("", index, self.finish_reason)
+                # The last chunk rides in DONE; a DONE without text closes the stream with an empty one.
+                index = self._last.index + 1 if self._last else 0
+                return Chunk(body.get("text", ""), index, self.finish_reason)
             elif command == P.ERROR:
                 self._end()
                 raise _error(body)
@@ -434,13 +444,20 @@ class Stream:
             self._end()
 
 
-async def _next(box: asyncio.Queue, timeout_s: float) -> tuple[bytes, dict[str, Any]]:
-    """The next message for a request. One that is already waiting is taken at once: a stream
-    reads one message per token, and ``asyncio.wait_for`` costs a task per call (Python 3.11)."""
-    if not box.empty():
-        return box.get_nowait()
-    async with asyncio.timeout(timeout_s):
-        return await box.get()
+class _Inbox:
+    """What one request of an :class:`AsyncClient` has received and not yet read, and the future
+    its reader waits on when there is nothing (at most one at a time: one per wait, not per message)."""
+
+    __slots__ = ("box", "waiter")
+
+    def __init__(self) -> None:
+        self.box: collections.deque[tuple[bytes, dict[str, Any]]] = collections.deque()
+        self.waiter: asyncio.Future | None = None
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class AsyncClient:
@@ -452,10 +469,11 @@ class AsyncClient:
             async for chunk in client.generate("echo", "hello world"):
                 ...
 
-    It reads a plain socket through the loop's ``add_reader`` rather than
-    ``zmq.asyncio`` (a future per message costs more than the message: one per
-    token), and queues its sends to flush them once per loop iteration, so that
-    many concurrent requests (a gateway's) share one wake-up of ZeroMQ's I/O thread.
+    Per request it costs one future at most per wait, and no task: the socket is a plain
+    (not ``zmq.asyncio``) one, read through the loop's ``add_reader`` on its FD, each wake-up
+    draining every message waiting into the requests' inboxes; sends are queued and flushed
+    once per loop iteration, so that many concurrent requests (a gateway's) share one wake-up
+    of ZeroMQ's I/O thread.
     """
 
     def __init__(self, endpoint: str | None = None, *, runtime_dir: str | os.PathLike | None = None,
@@ -468,7 +486,7 @@ class AsyncClient:
         self._sock = _open_socket(self._ctx, self.endpoint, curve_keys, answer_timeout_s)
         self._limit: int | None = None
         self._ids = itertools.count(1)
-        self._inbox: dict[Any, asyncio.Queue] = {}
+        self._inbox: dict[Any, _Inbox] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: collections.deque[list[bytes]] = collections.deque()
         self._stuck_since: float | None = None   # when a send first found no connection to take it
@@ -493,23 +511,34 @@ class AsyncClient:
         """Deliver every message waiting. ZeroMQ's FD is edge-triggered: it signals that the
         socket's state changed, so the socket is read until it has nothing left."""
         sock = self._sock
+        inbox = self._inbox
         while not sock.closed:
             try:
                 frames = zmqio.recv(sock, zmqio.DONTWAIT)
             except zmq.Again:
                 return
-            self._deliver(frames)
+            for reply in _replies(frames):
+                waiting = inbox.get(reply[1].get("id"))
+                if waiting is not None:
+                    waiting.box.append(reply)
+                    if waiting.waiter is not None:
+                        _wake(waiting.waiter)
 
-    def _deliver(self, frames: list[bytes]) -> None:
-        try:
-            command, body = P.decode(P.CLIENT, frames, frozenset({P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR, P.PONG}))
-        except P.ProtocolError:
-            return
-        box = self._inbox.get(body.get("id"))
-        if box is not None:
-            box.put_nowait((command, body))
+    async def _next(self, waiting: _Inbox, timeout_s: float) -> tuple[bytes, dict[str, Any]]:
+        """The request's next reply; one already received is taken at once. TimeoutError if none came."""
+        if not waiting.box:
+            waiter = waiting.waiter = self._loop.create_future()
+            timer = self._loop.call_later(timeout_s, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                waiting.waiter = None
+            if not waiting.box:
+                raise TimeoutError
+        return waiting.box.popleft()
 
-    async def _send(self, command: bytes, body: dict[str, Any]) -> None:
+    def _send(self, command: bytes, body: dict[str, Any]) -> None:
         self._queue(P.encode(P.CLIENT, command, body))
 
     def _queue(self, frames: list[bytes]) -> None:
@@ -538,11 +567,11 @@ class AsyncClient:
     async def ping(self) -> dict[str, Any]:
         self._ensure_reader()
         cid = f"ping-{next(self._ids)}"
-        box = self._inbox[cid] = asyncio.Queue()
+        waiting = self._inbox[cid] = _Inbox()
         try:
-            await self._send(P.PING, {"id": cid})
-            command, body = await _next(box, self.answer_timeout_s)
-        except asyncio.TimeoutError:
+            self._send(P.PING, {"id": cid})
+            command, body = await self._next(waiting, self.answer_timeout_s)
+        except TimeoutError:
             if self._stuck_since is not None:
                 raise _unreachable(self.endpoint, self.answer_timeout_s) from None
             raise errors.Unavailable(f"no answer from inferd at {self.endpoint} "
@@ -573,10 +602,12 @@ class AsyncClient:
     async def request(self, deployment: str, prompt: str | None = None, *, messages: list | None = None,
                       priority: int | None = None, deadline_ms: int | None = None, affinity: str | None = None,
                       params: dict[str, Any] | None = None) -> AsyncIterator[tuple[bytes, dict[str, Any]]]:
-        """Submit a request and yield its broker messages as they are: ACCEPTED, each CHUNK, then DONE
-        (with ``usage`` where the runtime reports it). An ERROR raises its typed exception, and so do
-        chunks lost in a reset connection. Give exactly one of ``prompt`` and ``messages`` (a chat).
-        Leaving the loop early cancels the request."""
+        """Submit a request and yield its broker messages in the shape of protocol v1: ACCEPTED
+        (``epoch``, ``join``: from whichever reply first carried them), each CHUNK (the last one, which
+        v2 carries in DONE, with its ``finish_reason``), then DONE (with ``usage`` where the runtime
+        reports it). An ERROR raises its typed exception, and so do chunks lost in a reset connection.
+        Give exactly one of ``prompt`` and ``messages`` (a chat). Leaving the loop early cancels the
+        request."""
         self._ensure_reader()
         cid = next(self._ids)
         frames = P.encode(P.CLIENT, P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms,
@@ -585,7 +616,7 @@ class AsyncClient:
             if self._limit is None:
                 self._limit = (await self.ping()).get("max_message_bytes", DEFAULT_MESSAGE_LIMIT)
             _checked_size(frames[2], self._limit)
-        box = self._inbox[cid] = asyncio.Queue()
+        waiting = self._inbox[cid] = _Inbox()
         tracker = _Tracker(deadline_ms, self.liveness_s, self.answer_timeout_s)
         finished = False
         epoch = None
@@ -594,8 +625,8 @@ class AsyncClient:
             self._queue(frames)
             while True:
                 try:
-                    command, body = await _next(box, tracker.wait_s(time.monotonic()) or 1e-3)
-                except asyncio.TimeoutError:
+                    command, body = await self._next(waiting, tracker.wait_s(time.monotonic()) or 1e-3)
+                except TimeoutError:
                     now = time.monotonic()
                     error = tracker.timed_out(now, self.endpoint)
                     if error is not None:
@@ -604,15 +635,15 @@ class AsyncClient:
                         raise error from None
                     if not tracker.accepted:
                         continue
-                    await self._send(P.PING, {"id": cid})
+                    self._send(P.PING, {"id": cid})
                     tracker.ping_sent = now
                     continue
                 tracker.heard(time.monotonic())
-                if command == P.ACCEPTED:
+                if not tracker.accepted and "epoch" in body:  # the first reply of an accepted request
                     tracker.accepted = True
-                    epoch = body.get("epoch")
-                    yield command, body
-                elif command == P.CHUNK:
+                    epoch = body["epoch"]
+                    yield P.ACCEPTED, {"id": cid, "epoch": epoch, "join": body.get("join", "")}
+                if command == P.CHUNK:
                     gap = _gap(received, body)
                     if gap:
                         raise gap
@@ -623,6 +654,9 @@ class AsyncClient:
                     gap = _gap(received, body)
                     if gap:
                         raise gap
+                    if "text" in body:
+                        yield P.CHUNK, {"id": cid, "index": body.pop("index"), "text": body.pop("text"),
+                                        "finish_reason": body.get("finish_reason")}
                     yield command, body
                     return
                 elif command == P.ERROR:
@@ -636,6 +670,6 @@ class AsyncClient:
             self._inbox.pop(cid, None)
             if not finished:
                 try:
-                    await self._send(P.CANCEL, {"id": cid})
+                    self._send(P.CANCEL, {"id": cid})
                 except Exception:
                     pass  # the loop is closing: the broker notices the gone client

@@ -55,10 +55,13 @@ class ZmqTransport:
         self.backend = backend
         self.link = link
 
-    def to_client(self, client: bytes, command: bytes, body: dict[str, Any]) -> int:
-        """SENT, or FULL (its queue is at client_send_hwm) or GONE (no such connection): see ``delivery``."""
+    def to_client(self, client: bytes, replies: list[tuple[bytes, dict[str, Any]]]) -> int:
+        """One message with every reply in ``replies``: SENT, or FULL (its queue is at
+        client_send_hwm) or GONE (no such connection): see ``delivery``."""
+        frames = P.encode_replies(P.CLIENT, replies)
+        frames.insert(0, client)
         try:
-            zmqio.send(self.frontend, [client, P.CLIENT, command, P.pack(body)], zmqio.DONTWAIT)
+            zmqio.send(self.frontend, frames, zmqio.DONTWAIT)
         except zmq.ZMQError as exc:
             if exc.errno == errno.EAGAIN:
                 return FULL
@@ -134,6 +137,7 @@ class Broker:
         }
         log.info("broker ready (epoch %x)", self.core.epoch)
         while not self.stopping:
+            self.core.flush()  # what the last burst produced, one message per client
             events = poller.poll(self.core.next_timeout() * 1000)
             for sock, _ in events:
                 if sock == self._wake_r:
@@ -149,6 +153,7 @@ class Broker:
             self.core.tick()
         log.info("broker stopping: failing what is outstanding")
         self.core.shutdown()
+        self.core.flush()
         self.close()
 
     def _handle(self, handler: Callable[[list[bytes]], None], frames: list[bytes]) -> None:

@@ -209,37 +209,41 @@ class Worker:
                 self.wake_rx.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-        # One message for all of a step's chunks (a batch of 32 would be 32 messages), then the
-        # finals: a request's chunks always reach the broker before its DONE or ERROR. Past half
-        # the broker's message limit the chunks go out in several messages (UTF-8 is at most
-        # 4 bytes a character).
+        # One message for all of a step's chunks and successful ends (a batch of 32 would otherwise
+        # be 32 messages), then the errors: a request's chunks always reach the broker before its
+        # final. Past half the broker's message limit the entries go out in several messages
+        # (UTF-8 is at most 4 bytes a character).
         chunks: list[list[Any]] = []
-        finals: list[Output] = []
+        errors: list[Output] = []
         size = 0
         outputs = self.engine.outputs
         while outputs:
             for out in outputs.popleft():
                 if out.rid not in self.in_flight:
                     continue  # dropped at a reconnect
-                if out.text is not None:
-                    if chunks and size + 4 * len(out.text) > self.max_bytes // 2:
-                        self.send(P.CHUNKS, {"chunks": chunks})
-                        chunks, size = [], 0
-                    chunks.append([out.rid, out.text, out.finish_reason] if out.finish_reason else [out.rid, out.text])
-                    size += 4 * len(out.text) + 32
-                if out.final:
+                if out.error is not None:
+                    if out.text is not None:
+                        chunks.append([out.rid, out.text])
                     self.in_flight.discard(out.rid)
-                    finals.append(out)
+                    errors.append(out)
+                    continue
+                if out.finish_reason is None and out.text is None:
+                    continue  # no chunk this step
+                text = out.text or ""
+                if chunks and size + 4 * len(text) > self.max_bytes // 2:
+                    self.send(P.CHUNKS, {"chunks": chunks})
+                    chunks, size = [], 0
+                size += 4 * len(text) + 32
+                if out.finish_reason is None:
+                    chunks.append([out.rid, text])
+                    continue
+                self.in_flight.discard(out.rid)
+                chunks.append([out.rid, out.text, out.finish_reason, out.usage] if out.usage
+                              else [out.rid, out.text, out.finish_reason])
         if chunks:
             self.send(P.CHUNKS, {"chunks": chunks})
-        for out in finals:
-            if out.error is not None:
-                self.send(P.ERROR, {"rid": out.rid, **P.error_body(None, out.error, out.message, out.details)})
-            else:
-                done = {"rid": out.rid, "finish_reason": out.finish_reason}
-                if out.usage:
-                    done["usage"] = out.usage
-                self.send(P.DONE, done)
+        for out in errors:
+            self.send(P.ERROR, {"rid": out.rid, **P.error_body(None, out.error, out.message, out.details)})
 
 
 def main() -> None:
