@@ -107,7 +107,9 @@ def _no_ext(code: int, data: memoryview) -> Any:
 # decoder wants a map with string keys at the top; _check_plain looks inside for the rest.
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(dict[str, Any], ext_hook=_no_ext).decode
+_decode_any = msgspec.msgpack.Decoder(ext_hook=_no_ext).decode
 _NESTED = frozenset({dict, list, datetime.datetime})
+_PYTHON_NAMES = {"array": "list", "null": "NoneType", "None": "NoneType"}  # msgspec's names, Python's
 
 
 def pack(body: Any) -> bytes:
@@ -140,8 +142,13 @@ def unpack(data: bytes) -> dict[str, Any]:
             if type(value) in _NESTED:
                 _check_plain(value)
     except msgspec.ValidationError as exc:  # the decoder's type: not a map, or a key that is not a string
+        try:  # msgspec checks the type before the end of the data: was it msgpack at all?
+            _decode_any(data)
+        except Exception as inner:
+            raise ProtocolError(f"body is not valid msgpack ({type(inner).__name__}: {inner})") from None
         if str(exc).startswith("Expected `object`, got `"):
-            raise ProtocolError(f"body must be a msgpack map, got {str(exc)[24:].rstrip('`')}") from None
+            got = str(exc)[24:].rstrip("`")
+            raise ProtocolError(f"body must be a msgpack map, got {_PYTHON_NAMES.get(got, got)}") from None
         raise ProtocolError(f"body is not valid msgpack (map keys must be strings: {exc})") from None
     except Exception as exc:  # malformed bytes, an extension type, a bad key deep inside
         detail = f": {exc}" if str(exc) else ""
