@@ -46,6 +46,10 @@ log = logging.getLogger("inferd.broker")
 # A request may be dispatched this many times: once, plus once more if its
 # first worker died before streaming anything.
 MAX_DISPATCHES = 2
+# The most replies coalesced into one message to a client: a burst's worth at 64 in flight. It keeps
+# ZeroMQ's per-connection queue (client_send_hwm messages) a bound on replies, and a slow reader
+# detectable, as in protocol v1.
+MAX_COALESCED = 64
 
 
 class Transport(Protocol):
@@ -374,6 +378,9 @@ class BrokerCore:
                 self._outgoing[client] = [(command, body, owed)]
             else:
                 replies.append((command, body, owed))
+                if len(replies) >= MAX_COALESCED:
+                    del self._outgoing[client]
+                    self._send(client, replies)
         else:
             self._keep(client, held, command, body, owed)
 
@@ -388,17 +395,19 @@ class BrokerCore:
         if not self._outgoing:
             return
         outgoing, self._outgoing = self._outgoing, {}
-        to_client = self.transport.to_client
         for client, replies in outgoing.items():
-            status = to_client(client, [(command, body) for command, body, _ in replies])
-            if status:
-                held = HeldClient(status, self.config.broker.client_send_hwm, self._cut_error)
-                held.set_reason(status, self.clock(), self._hold_s)
-                self.held[client] = held
-                for command, body, owed in replies:
-                    self._keep(client, held, command, body, owed)
-                if status == GONE and not held.cut:
-                    self._cut_now(client, held)
+            self._send(client, replies)
+
+    def _send(self, client: bytes, replies: list[tuple[bytes, dict[str, Any], bool]]) -> None:
+        status = self.transport.to_client(client, [(command, body) for command, body, _ in replies])
+        if status:
+            held = HeldClient(status, self.config.broker.client_send_hwm, self._cut_error)
+            held.set_reason(status, self.clock(), self._hold_s)
+            self.held[client] = held
+            for command, body, owed in replies:
+                self._keep(client, held, command, body, owed)
+            if status == GONE and not held.cut:
+                self._cut_now(client, held)
 
     def _cut_now(self, client: bytes, held: HeldClient) -> None:
         held.start_cut()

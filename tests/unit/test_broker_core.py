@@ -2157,3 +2157,14 @@ def test_a_client_that_is_gone_when_a_coalesced_message_fails_has_its_done_with_
     got = [(cmd, b["id"], b.get("code")) for _, cmd, b in h.to_clients(h.take())]
     assert got == [(P.ERROR, "A", "CONNECTION_RESET"), (P.DONE, "B", None)]
     assert h.core.held == {}
+
+
+def test_a_message_to_a_client_carries_at_most_max_coalesced_replies():
+    from inferd.broker.core import MAX_COALESCED
+    h = Harness(queue_capacity=200)
+    for cid in range(MAX_COALESCED + 6):
+        h.submit(cid)
+    replies = h.to_clients(h.take())
+    assert [cmd for _, cmd, _ in replies] == [P.ACCEPTED] * (MAX_COALESCED + 6)
+    assert [body["id"] for _, _, body in replies] == list(range(MAX_COALESCED + 6))  # in order
+    assert h.rec.messages == [(b"c1", MAX_COALESCED), (b"c1", 6)]
