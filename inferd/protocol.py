@@ -49,6 +49,7 @@ PONG = b"PONG"
 READY = b"READY"
 HEARTBEAT = b"HEARTBEAT"
 CHUNKS = b"CHUNKS"            # the chunks and successful finals of one or more requests, in order
+ATTACH = b"ATTACH"            # the engine thread's socket is up: REQUEST and CANCEL go to it
 # Broker -> worker (plus CANCEL, HEARTBEAT).
 REQUEST = b"REQUEST"
 DISCONNECT = b"DISCONNECT"
@@ -81,8 +82,13 @@ DRAIN_WORKER = b"DRAIN_WORKER"  # supervisor -> broker: stop dispatching to a wo
 WORKER_DRAINED = b"WORKER_DRAINED"  # broker -> supervisor: that worker has nothing in flight
 REMOVED = b"REMOVED"          # broker -> supervisor: a deployment removed by a reload has drained
 
+# A worker's engine thread has a socket of its own, identity "<worker id>+engine": REQUEST and CANCEL
+# go to it, and its CHUNKS, ERROR and ATTACH come from it.
+ENGINE_SUFFIX = "+engine"
+ENGINE_COMMANDS = frozenset({REQUEST, CANCEL})
+
 CLIENT_COMMANDS = frozenset({SUBMIT, CANCEL, PING})
-WORKER_COMMANDS = frozenset({READY, HEARTBEAT, CHUNKS, ERROR})
+WORKER_COMMANDS = frozenset({READY, HEARTBEAT, CHUNKS, ERROR, ATTACH})
 CONTROL_COMMANDS = frozenset({STATUS, METRICS, RESTART, REBUILD, RELOAD, SCALE, DRAIN_WORKERS})
 
 # Finish reasons carried by DONE.
@@ -289,9 +295,10 @@ _LOAD_FIELDS: dict[str, tuple[type | tuple[type, ...], bool]] = {
 }
 WORKER_FIELDS: dict[bytes, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     READY: {**_LOAD_FIELDS, "deployment": (str, True), "runtime": (str, False), "device": (str, False),
-            "pid": (int, True)},
+            "pid": (int, True), "generation": (int, False)},
     HEARTBEAT: {**_LOAD_FIELDS, "failure": (str, False), "reason": (str, False)},
     CHUNKS: {"worker": (str, True), "chunks": (list, True)},
+    ATTACH: {"worker": (str, True), "generation": (int, True)},
     # ``id`` is always nil: a worker's ERROR is about the broker's ``rid``, not a client id.
     ERROR: {"worker": (str, True), "rid": (int, True), "id": (int, False), "code": (str, True),
             "message": (str, False), "details": (dict, False)},

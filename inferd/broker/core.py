@@ -102,6 +102,8 @@ class WorkerRecord:
     failure: str | None = None    # what it reported in band before going down
     runner: dict[str, Any] = field(default_factory=dict)  # the runtime's own load report
     draining: bool = False        # no new work: a reload, scale-down or `inferctl drain` retires it
+    generation: int = 0           # its registration (READY); its engine's ATTACH must name the same
+    attached: bool = False        # its engine's socket is up for this registration: REQUESTs can reach it
     # Kept as plain attributes, not properties: a routing policy reads them for every worker
     # of the pool on every dispatch. recount() after any change to requests, credits or state.
     outstanding: int = 0
@@ -113,8 +115,8 @@ class WorkerRecord:
 
     @property
     def serving(self) -> bool:
-        """Ready and not being drained: a routing policy may give it work."""
-        return self.state == "ready" and not self.draining
+        """Ready, its engine attached, and not being drained: a routing policy may give it work."""
+        return self.state == "ready" and self.attached and not self.draining
 
     def hold(self, req: Request) -> None:
         self.requests[req.rid] = req
@@ -202,6 +204,8 @@ class BrokerCore:
         # draining until their deadline, and workers draining for the supervisor.
         self.retiring: dict[str, tuple[Deployment, float]] = {}
         self.draining_workers: dict[str, float] = {}   # worker id -> deadline
+        # Worker id -> the generation of its engine's last ATTACH, which may arrive before its READY.
+        self._attached: dict[str, int] = {}
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -461,7 +465,8 @@ class BrokerCore:
     # --- workers ---------------------------------------------------------------------------
 
     def on_worker(self, identity: bytes, frames: list[bytes]) -> None:
-        wid = identity.decode(errors="replace")
+        # A worker has two sockets: its main thread's (identity: the worker id) and its engine's.
+        wid = identity.decode(errors="replace").removesuffix(P.ENGINE_SUFFIX)
         try:
             command, body = P.decode(P.WORKER, frames, P.WORKER_COMMANDS)
         except P.ProtocolError as exc:
@@ -484,6 +489,8 @@ class BrokerCore:
             return
         if command == P.READY:
             return self._register(wid, body)
+        if command == P.ATTACH:
+            return self._attach(wid, worker, body["generation"])
         if worker is None:
             # A worker we do not know (we restarted, or it was declared dead): make it re-register.
             self.transport.to_worker(wid, P.DISCONNECT, {"reason": "not registered"})
@@ -541,7 +548,8 @@ class BrokerCore:
         if wid in self.workers:
             self._lose_worker(self.workers[wid], "re-registered")
         worker = WorkerRecord(wid, dep, body["pid"], body.get("device") or "?",
-                              0, "loading", self.clock())
+                              0, "loading", self.clock(), generation=body.get("generation") or 0)
+        worker.attached = self._attached.get(wid) == worker.generation
         self._apply_load(worker, body)
         self.workers[wid] = worker
         dep.workers[wid] = worker
@@ -550,6 +558,17 @@ class BrokerCore:
                  wid, dep.name, worker.device, worker.pid, worker.state, worker.credits)
         self._dispatch(dep)
         self._report_readiness()
+
+    def _attach(self, wid: str, worker: WorkerRecord | None, generation: int) -> None:
+        """The worker's engine socket is up for registration ``generation``."""
+        self._attached[wid] = generation
+        if worker is not None and worker.generation == generation and not worker.attached:
+            worker.attached = True
+            worker.last_seen = self.clock()
+            worker.recount()
+            self._sync_router(worker)
+            self._report_readiness()
+            self._dispatch(worker.deployment)
 
     def _update_load(self, worker: WorkerRecord, body: dict[str, Any]) -> None:
         if self._apply_load(worker, body):

@@ -71,8 +71,10 @@ class ZmqTransport:
         return SENT
 
     def to_worker(self, worker: str, command: bytes, body: dict[str, Any]) -> None:
+        """To the worker's main thread, or for REQUEST and CANCEL to its engine's socket."""
+        identity = worker + P.ENGINE_SUFFIX if command in P.ENGINE_COMMANDS else worker
         try:
-            zmqio.send(self.backend, [worker.encode(), P.WORKER, command, P.pack(body)], zmqio.DONTWAIT)
+            zmqio.send(self.backend, [identity.encode(), P.WORKER, command, P.pack(body)], zmqio.DONTWAIT)
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise

@@ -82,11 +82,18 @@ class Harness:
         body.setdefault("worker", wid)
         self.core.on_worker((identity or wid).encode(), [P.WORKER, command, P.pack(body)])
 
-    def ready(self, wid: str = "echo-0", credits: int = 2, pid: int | None = None, state: str = "ready") -> None:
+    def ready(self, wid: str = "echo-0", credits: int = 2, pid: int | None = None, state: str = "ready",
+              attach: bool = True) -> None:
+        """A worker registers (its main thread's READY) and its engine's socket attaches (ATTACH)."""
         pid = pid if pid is not None else 1000 + len(self.pids)
         self.pids[wid] = pid
         self.worker(wid, P.READY, deployment="echo", device="cpu:0", pid=pid, runtime="echo", state=state,
-                    credits=credits, in_flight=0)
+                    credits=credits, in_flight=0, generation=pid)
+        if attach:
+            self.attach(wid, pid)
+
+    def attach(self, wid: str, generation: int) -> None:
+        self.worker(wid, P.ATTACH, identity=wid + P.ENGINE_SUFFIX, generation=generation)
 
     def heartbeat(self, wid: str, credits: int = 2, state: str = "ready") -> None:
         self.worker(wid, P.HEARTBEAT, state=state, credits=credits, in_flight=0)
@@ -869,13 +876,29 @@ def test_done_request_of_lost_worker_is_simply_forgotten():
     assert h.core.requests == {}
 
 
+def test_a_worker_gets_requests_only_once_its_engine_attached_to_its_registration():
+    h = Harness()
+    h.submit(1)
+    h.ready("echo-0", pid=7, attach=False)
+    assert h.requests_sent(h.take()) == []
+    h.attach("echo-0", 6)                  # an older registration's engine: not this one
+    assert h.requests_sent(h.take()) == []
+    h.attach("echo-0", 7)
+    assert [wid for wid, _, _ in h.requests_sent(h.take())] == ["echo-0"]
+    h.attach("echo-1", 3)                  # an engine attaching before its main thread registers
+    h.ready("echo-1", pid=3, attach=False)
+    assert h.core.workers["echo-1"].serving
+
+
 def test_readiness_reported_to_supervisor():
     h = Harness()
     h.ready("echo-0")
     h.ready("echo-1")
     h.exited("echo-0")
     readiness = [b for kind, _, c, b in h.rec.log if kind == "supervisor" and c == P.READINESS]
-    assert readiness == [{"deployments": {"echo": 1}, "workers": ["echo-0"]},
+    # (a registered worker is ready once its engine's socket has attached too)
+    assert readiness == [{"deployments": {"echo": 0}, "workers": []},
+                         {"deployments": {"echo": 1}, "workers": ["echo-0"]},
                          {"deployments": {"echo": 2}, "workers": ["echo-0", "echo-1"]},
                          {"deployments": {"echo": 1}, "workers": ["echo-1"]}]
 
@@ -1316,6 +1339,7 @@ class WorkerState:
     alive: bool = False
     registered: bool = False
     held: dict[int, bool] = field(default_factory=dict)  # rid -> CANCEL received
+    generation: int = 0
 
 
 class World:
@@ -1494,8 +1518,19 @@ class World:
         w.credits = self.rng.randint(1, 3)
         w.held.clear()
         w.registered = True
+        w.generation += 1
+        # The engine's ATTACH and the main thread's READY come over two connections: either may be first.
+        attach_first = self.rng.random() < 0.3
+        if attach_first:
+            self.attach(w)
         self.send_worker(w.wid, P.READY, deployment="echo", device="cpu:0", pid=w.pid, runtime="echo",
-                         state="ready", credits=w.credits, in_flight=0)
+                         state="ready", credits=w.credits, in_flight=0, generation=w.generation)
+        if not attach_first:
+            self.attach(w)
+
+    def attach(self, w: WorkerState) -> None:
+        body = {"worker": w.wid, "generation": w.generation}
+        self.core.on_worker((w.wid + P.ENGINE_SUFFIX).encode(), [P.WORKER, P.ATTACH, P.pack(body)])
 
     def live_workers(self) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.alive and w.registered]
