@@ -628,3 +628,21 @@ def test_oversize_message_drops_connection_and_dealer_reconnects(make_daemon):
         fresh.submit("f", "fresh")
         check_success(fresh.until_final("f"), "f", ["fresh"])
     assert daemon.proc.poll() is None
+
+
+def test_the_documents_example_runs_as_printed(daemon, capsys):
+    """docs/protocol.md's example, run as it is (its endpoint pointed at this daemon)."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
+    example = doc.split("## Example", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", example, re.S)[0]
+    printed = re.findall(r"prints\n\n```\n(.*?)```", example, re.S)[0]
+    code = code.replace("ipc:///run/inferd/frontend.sock", daemon.frontend)
+    exec(compile(code, "docs/protocol.md", "exec"), {})
+    got = capsys.readouterr().out.splitlines()
+    expected = printed.splitlines()
+    # The epoch is this broker's; the rest is as printed.
+    assert [re.sub(r"'epoch': \d+", "'epoch': E", line) for line in got] == \
+        [re.sub(r"'epoch': \d+", "'epoch': E", line) for line in expected]
