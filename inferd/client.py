@@ -327,22 +327,29 @@ class Client:
     def _take(self, cid: Any, timeout_s: float) -> tuple[bytes, dict] | None:
         """The next message for ``cid``, buffering others' messages; None on timeout."""
         box = self._inbox[cid]
-        deadline = time.monotonic() + max(0.0, timeout_s)
+        deadline = None
         while not box:
+            if self._drain():
+                continue
+            if deadline is None:
+                deadline = time.monotonic() + max(0.0, timeout_s)
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._sock.poll(remaining * 1000, zmq.POLLIN):
+            if remaining <= 0 or not zmqio.readable(self._sock, remaining):
                 return None
-            inbox = self._inbox
-            while True:
-                try:
-                    frames = zmqio.recv(self._sock, zmqio.DONTWAIT)
-                except zmq.Again:
-                    break
-                for command, body in _replies(frames):
-                    other = inbox.get(body.get("id"))
-                    if other is not None:
-                        other.append((command, body))
         return box.popleft()
+
+    def _drain(self) -> bool:
+        """File every message waiting into the inboxes; False if there was none."""
+        inbox = self._inbox
+        sock = self._sock
+        got = False
+        while zmqio.pending(sock):
+            got = True
+            for command, body in _replies(zmqio.recv(sock, zmqio.DONTWAIT)):
+                box = inbox.get(body.get("id"))
+                if box is not None:
+                    box.append((command, body))
+        return got
 
 
 class Stream:
@@ -512,12 +519,8 @@ class AsyncClient:
         socket's state changed, so the socket is read until it has nothing left."""
         sock = self._sock
         inbox = self._inbox
-        while not sock.closed:
-            try:
-                frames = zmqio.recv(sock, zmqio.DONTWAIT)
-            except zmq.Again:
-                return
-            for reply in _replies(frames):
+        while not sock.closed and zmqio.pending(sock):
+            for reply in _replies(zmqio.recv(sock, zmqio.DONTWAIT)):
                 waiting = inbox.get(reply[1].get("id"))
                 if waiting is not None:
                     waiting.box.append(reply)
@@ -588,16 +591,16 @@ class AsyncClient:
         """Submit a request and yield its chunks; leaving the loop early cancels it.
         Runtime params go as keywords or as ``params={...}``."""
         params = _merge_params(params, kwargs)
-        last: Chunk | None = None
+        index = 0
         # aclosing: leaving this loop early must close (and so cancel) the request now, not at collection.
-        async with contextlib.aclosing(self.request(deployment, prompt, priority=priority, deadline_ms=deadline_ms,
-                                                    affinity=affinity, params=params)) as messages:
-            async for command, body in messages:
+        async with contextlib.aclosing(self._replies(deployment, prompt, None, priority, deadline_ms, affinity,
+                                                     params)) as replies:
+            async for command, body in replies:
                 if command == P.CHUNK:
-                    last = Chunk(body.get("text", ""), body["index"], body.get("finish_reason"))
-                    yield last
-                elif command == P.DONE and (last is None or last.finish_reason is None):
-                    yield Chunk("", last.index + 1 if last else 0, body.get("finish_reason"))
+                    yield Chunk(body["text"], index)
+                    index += 1
+                elif command == P.DONE:  # with the last chunk's text, or closing the stream with an empty one
+                    yield Chunk(body.get("text", ""), index, body.get("finish_reason"))
 
     async def request(self, deployment: str, prompt: str | None = None, *, messages: list | None = None,
                       priority: int | None = None, deadline_ms: int | None = None, affinity: str | None = None,
@@ -608,10 +611,27 @@ class AsyncClient:
         reports it). An ERROR raises its typed exception, and so do chunks lost in a reset connection.
         Give exactly one of ``prompt`` and ``messages`` (a chat). Leaving the loop early cancels the
         request."""
+        async with contextlib.aclosing(self._replies(deployment, prompt, messages, priority, deadline_ms, affinity,
+                                                     params or {})) as replies:
+            async for command, body in replies:
+                if "epoch" in body:
+                    yield P.ACCEPTED, {"id": body["id"], "epoch": body.pop("epoch"), "join": body.pop("join", "")}
+                if command == P.DONE and "text" in body:
+                    yield P.CHUNK, {"id": body["id"], "index": body.pop("index"), "text": body.pop("text"),
+                                    "finish_reason": body.get("finish_reason")}
+                if command != P.ACCEPTED:
+                    yield command, body
+
+    async def _replies(self, deployment: str, prompt: str | None, messages: list | None, priority: int | None,
+                       deadline_ms: int | None, affinity: str | None,
+                       params: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict[str, Any]]]:
+        """Submit a request and yield its replies as they come (protocol v2), up to its DONE: an ERROR
+        raises its typed exception, and so do chunks lost in a reset connection. Closing it early
+        cancels the request."""
         self._ensure_reader()
         cid = next(self._ids)
         frames = P.encode(P.CLIENT, P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms,
-                                                             affinity, params or {}, messages))
+                                                             affinity, params, messages))
         if len(frames[2]) > MIN_MESSAGE_LIMIT:
             if self._limit is None:
                 self._limit = (await self.ping()).get("max_message_bytes", DEFAULT_MESSAGE_LIMIT)
@@ -642,23 +662,16 @@ class AsyncClient:
                 if not tracker.accepted and "epoch" in body:  # the first reply of an accepted request
                     tracker.accepted = True
                     epoch = body["epoch"]
-                    yield P.ACCEPTED, {"id": cid, "epoch": epoch, "join": body.get("join", "")}
-                if command == P.CHUNK:
+                if command == P.CHUNK or command == P.DONE:
                     gap = _gap(received, body)
                     if gap:
                         raise gap
+                    if command == P.DONE:
+                        finished = True
+                        yield command, body
+                        return
                     received += 1
                     yield command, body
-                elif command == P.DONE:
-                    finished = True
-                    gap = _gap(received, body)
-                    if gap:
-                        raise gap
-                    if "text" in body:
-                        yield P.CHUNK, {"id": cid, "index": body.pop("index"), "text": body.pop("text"),
-                                        "finish_reason": body.get("finish_reason")}
-                    yield command, body
-                    return
                 elif command == P.ERROR:
                     finished = True
                     raise _error(body)
@@ -666,6 +679,8 @@ class AsyncClient:
                     problem = _pong_problem(body, epoch, cid)
                     if problem:
                         raise problem
+                else:  # ACCEPTED
+                    yield command, body
         finally:
             self._inbox.pop(cid, None)
             if not finished:

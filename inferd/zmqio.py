@@ -16,7 +16,10 @@ from zmq.backend import Socket as _Base
 DONTWAIT = int(zmq.NOBLOCK)
 _MORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
 _send, _recv, _get = _Base.send, _Base.recv, _Base.get
+_poll = zmq.zmq_poll
 
 
 def send(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
@@ -33,3 +36,15 @@ def recv(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
     while _get(sock, _RCVMORE):
         parts.append(_recv(sock, flags))
     return parts
+
+
+def readable(sock: zmq.Socket, timeout_s: float) -> bool:
+    """Whether a message arrives within ``timeout_s``: one zmq_poll call (``Socket.poll`` builds
+    a Poller each time)."""
+    return bool(_poll([(sock, _POLLIN)], int(timeout_s * 1000)))
+
+
+def pending(sock: zmq.Socket) -> bool:
+    """Whether a message can be received now. Cheaper than a receive that fails: pyzmq raises
+    ``zmq.Again`` for that, an exception per drained socket."""
+    return bool(_get(sock, _EVENTS) & _POLLIN)

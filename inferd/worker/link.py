@@ -18,6 +18,7 @@ go through a pipe, which any thread may write and ZeroMQ's poller can watch.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any, Iterable
@@ -43,12 +44,10 @@ class EngineLink:
         self.generation = 0          # the main thread's registration, set before it asks for a reset
         self.sock: zmq.Socket | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.poller = zmq.Poller()
-        self.poller.register(self._wake_r, zmq.POLLIN)
+        self._polled: list[tuple[Any, int]] = [(self._wake_r, zmq.POLLIN)]  # for zmq_poll, no Poller object
 
     def open(self) -> None:
         if self.sock is not None:
-            self.poller.unregister(self.sock)
             self.sock.close(0)
         sock = self.sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, (self.worker + P.ENGINE_SUFFIX).encode())
@@ -59,7 +58,7 @@ class EngineLink:
         # the broker's own heartbeat check, which gives up on a worker it cannot keep up with.
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.connect(self.endpoint)
-        self.poller.register(sock, zmq.POLLIN)
+        self._polled = [(self._wake_r, zmq.POLLIN), (sock, zmq.POLLIN)]
         self._send(P.ATTACH, {"generation": self.generation})
 
     def wake(self) -> None:
@@ -70,17 +69,14 @@ class EngineLink:
 
     def poll(self, timeout: float | None) -> Iterable[tuple[str, Any]]:
         if timeout != 0:
-            for ready, _ in self.poller.poll(None if timeout is None else timeout * 1000):
+            for ready, _ in zmq.zmq_poll(self._polled, -1 if timeout is None else math.ceil(timeout * 1000)):
                 if ready == self._wake_r:
                     os.read(self._wake_r, 4096)
         if self.sock is None:
             return ()
         commands = []
-        while True:
-            try:
-                frames = zmqio.recv(self.sock, zmqio.DONTWAIT)
-            except zmq.Again:
-                return commands
+        while zmqio.pending(self.sock):
+            frames = zmqio.recv(self.sock, zmqio.DONTWAIT)
             try:
                 command, body = P.decode(P.WORKER, frames, _FROM_BROKER)
             except P.ProtocolError as exc:
@@ -93,6 +89,7 @@ class EngineLink:
             deadline = time.monotonic() + deadline_ms / 1000 if isinstance(deadline_ms, (int, float)) else None
             commands.append((ADMIT, RunRequest(body.get("rid"), body.get("prompt") or "", body.get("params") or {},
                                                messages=body.get("messages"), deadline=deadline)))
+        return commands
 
     def emit(self, outputs: list[Output]) -> None:
         """One message for all of a step's chunks and successful ends (a batch of 32 would otherwise
