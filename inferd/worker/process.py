@@ -29,7 +29,6 @@ import zmq
 from inferd import exitcodes, protocol as P, runtimes, zmqio
 from inferd.config import Config
 from inferd.devices import Device, cuda_visible_devices
-from inferd.errors import ErrorCode
 from inferd.failures import EXIT_STATUS
 from inferd.paths import Endpoints
 from inferd.proc import child_signals, child_spec, die_with_parent, setup_logging
