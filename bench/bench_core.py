@@ -232,13 +232,14 @@ class RawDriver:
         self.sock.send_multipart([SIGNATURE_V1 if self.v1 else SIGNATURE, b"SUBMIT", msgpack.packb(body)])
 
     def replies(self) -> list[bytes]:
-        """The commands of the next message's replies. Bodies are left undecoded: every system would
-        pay for it alike (a v2 DONE carries the last word: echo always knows it is the last)."""
+        """The commands of the next message's replies: ``[IFDC2, [[command, body], ...]]``, decoded
+        whole, or v1's ``[IFDC1, command, body]``, its body left undecoded (a v2 DONE carries the last
+        word: echo always knows it is the last)."""
         try:
             frames = self.sock.recv_multipart()
         except zmq.Again:
             raise TimeoutError(f"no reply from {self.endpoint} in {REPLY_TIMEOUT_MS} ms") from None
-        commands = frames[1::2]
+        commands = [frames[1]] if self.v1 else [command.encode() for command, _ in msgpack.unpackb(frames[1])]
         if b"ERROR" in commands:
             raise RuntimeError(f"{self.endpoint} answered ERROR {frames}")
         return commands

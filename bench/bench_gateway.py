@@ -189,9 +189,9 @@ def _submit(sock: zmq.Socket, rid: int, prompt: str) -> None:
     sock.send_multipart([b"IFDC2", b"SUBMIT", msgpack.packb({"id": rid, "deployment": "echo", "prompt": prompt})])
 
 
-def _finals(frames: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """The finals (DONE, ERROR) among the replies of one message: [IFDC2, command, body, command, body, ...]."""
-    return [(command, body) for command, body in zip(frames[1::2], frames[2::2]) if command in (b"DONE", b"ERROR")]
+def _finals(frames: list[bytes]) -> list[tuple[str, dict]]:
+    """The finals (DONE, ERROR) among the replies of one message: [IFDC2, [[command, body], ...]]."""
+    return [(command, body) for command, body in msgpack.unpackb(frames[1]) if command in ("DONE", "ERROR")]
 
 
 def zmq_load(endpoint: str, prompt: str, seconds: float, warmup: float, in_flight: int) -> dict:
@@ -213,9 +213,9 @@ def zmq_load(endpoint: str, prompt: str, seconds: float, warmup: float, in_fligh
             if not sock.poll(10_000):
                 raise RuntimeError("no answer from inferd in 10 s")
             for command, body in _finals(sock.recv_multipart()):
-                rid = msgpack.unpackb(body)["id"]
-                if command == b"ERROR":
-                    raise RuntimeError(f"inferd answered {msgpack.unpackb(body)}")
+                rid = body["id"]
+                if command == "ERROR":
+                    raise RuntimeError(f"inferd answered {body}")
                 end = time.perf_counter()
                 begun = started.pop(rid)
                 if begun >= record_from:

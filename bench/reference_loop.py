@@ -66,8 +66,8 @@ def worker(backend_endpoint: str) -> None:
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(backend_endpoint)
 
-    def reply(client: bytes, command: bytes, body: dict) -> None:
-        sock.send_multipart([client, SIGNATURE, command, msgpack.packb(body)])
+    def reply(client: bytes, command: str, body: dict) -> None:
+        sock.send_multipart([client, SIGNATURE, msgpack.packb([[command, body]])])
 
     while True:
         client, _signature, command, body = sock.recv_multipart()
@@ -77,8 +77,8 @@ def worker(backend_endpoint: str) -> None:
         cid = request["id"]
         words = request["prompt"].split()
         for index, word in enumerate(words[:-1]):
-            reply(client, b"CHUNK", {"id": cid, "index": index, "text": word})
-        reply(client, b"DONE", {"id": cid, "finish_reason": "stop", "index": len(words) - 1, "text": words[-1],
+            reply(client, "CHUNK", {"id": cid, "index": index, "text": word})
+        reply(client, "DONE", {"id": cid, "finish_reason": "stop", "index": len(words) - 1, "text": words[-1],
                                 "chunks": len(words), "epoch": EPOCH, "join": " "})
 
 

@@ -167,21 +167,17 @@ def _error(body: dict[str, Any]) -> errors.InferdError:
     return errors.from_wire(str(body.get("code")), str(body.get("message", "")), body.get("details"))
 
 
-_REPLIES = frozenset({P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR, P.PONG})
+_REPLIES = {command.decode(): command for command in (P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR, P.PONG)}
 
 
-def _replies(frames: list[bytes]) -> Iterator[tuple[bytes, dict[str, Any]]]:
-    """The replies in one message from the broker: ``[IFDC2, command, body, command, body, ...]``.
-    Anything else is skipped: the broker only sends well-formed messages."""
-    if frames[0] != P.CLIENT or not len(frames) & 1:
-        return
-    for i in range(1, len(frames), 2):
-        command = frames[i]
-        if command in _REPLIES:
-            try:
-                yield command, P.unpack(frames[i + 1])
-            except P.ProtocolError:
-                continue
+def _replies(frames: list[bytes]) -> list[tuple[bytes, dict[str, Any]]]:
+    """The replies in one message from the broker: ``[IFDC2, [[command, body], ...]]``. Anything
+    else is skipped: the broker only sends well-formed messages."""
+    try:
+        pairs = P.decode_replies(frames)
+    except P.ProtocolError:
+        return []
+    return [(_REPLIES[name], body) for name, body in pairs if name in _REPLIES]
 
 
 class _Tracker:

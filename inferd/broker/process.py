@@ -169,7 +169,23 @@ class Broker:
             self._bug_log.error("BUG: handling a message raised; the message is dropped", exc_info=True)
 
     def _from_client(self, frames: list[bytes]) -> None:
+        if len(frames) == 4 and frames[1] == P.CLIENT_V1:
+            return self._refuse_v1(frames[0], frames[3])
         self.core.on_client(frames[0], frames[1:])
+
+    def _refuse_v1(self, client: bytes, data: bytes) -> None:
+        """A protocol v1 client gets its answer in v1's own framing, so that it can read it: an ERROR
+        BAD_REQUEST saying that the broker speaks v2, as the final reply of its request (never
+        accepted) when its id can be read."""
+        try:
+            cid = P.unpack(data).get("id")
+        except P.ProtocolError:
+            cid = None
+        body = P.error_body(cid if P.valid_request_id(cid) else None, ErrorCode.BAD_REQUEST, P.V1_REFUSAL)
+        try:
+            zmqio.send(self.frontend, [client, P.CLIENT_V1, P.ERROR, P.pack(body)], zmqio.DONTWAIT)
+        except zmq.ZMQError:
+            pass  # gone or full: it learns nothing more by waiting for this
 
     def _from_worker(self, frames: list[bytes]) -> None:
         self.core.on_worker(frames[0], frames[1:])

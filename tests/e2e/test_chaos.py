@@ -159,12 +159,12 @@ class ChaosClient(threading.Thread):
         self.violations.append(f"{what}: {req.describe() if req else ''}")
 
     def _on_message(self, frames: list[bytes], at: float) -> None:
-        """One message from the broker: [IFDC2, command, body, command, body, ...]."""
-        if len(frames) < 3 or len(frames) % 2 != 1 or frames[0] != SIG:
+        """One message from the broker: [IFDC2, [[command, body], ...]]."""
+        if len(frames) != 2 or frames[0] != SIG:
             self.violations.append(f"malformed reply {frames!r}")
             return
-        for command, body in zip(frames[1::2], frames[2::2]):
-            self._on_reply(command.decode("ascii", "replace"), msgpack.unpackb(body, raw=False), at)
+        for command, body in msgpack.unpackb(frames[1], raw=False):
+            self._on_reply(command, body, at)
 
     def _on_reply(self, command: str, body: dict, at: float) -> None:
         req = self.reqs.get(body.get("id")) if isinstance(body.get("id"), int) else None

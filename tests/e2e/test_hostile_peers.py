@@ -48,13 +48,13 @@ _unread: dict[int, list[tuple[bytes, dict]]] = {}  # per socket: replies of a me
 
 
 def recv(sock: zmq.Socket, timeout_s: float) -> tuple[bytes, dict] | None:
-    """The next reply: a broker message is [IFDC2, command, body, command, body, ...]."""
+    """The next reply: a broker message is [IFDC2, [[command, body], ...]]."""
     unread = _unread.setdefault(id(sock), [])
     if not unread:
         if not sock.poll(timeout_s * 1000):
             return None
-        frames = sock.recv_multipart()
-        unread.extend((command, msgpack.unpackb(body)) for command, body in zip(frames[1::2], frames[2::2]))
+        _, replies = sock.recv_multipart()
+        unread.extend((command.encode(), body) for command, body in msgpack.unpackb(replies))
     return unread.pop(0)
 
 
@@ -211,11 +211,11 @@ def iter_replies(sock: zmq.Socket):
             frames = sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        for command, body in zip(frames[1::2], frames[2::2]):
-            try:
-                yield command, msgpack.unpackb(body).get("id")
-            except Exception:
-                continue
+        try:
+            replies = [(command.encode(), body.get("id")) for command, body in msgpack.unpackb(frames[-1])]
+        except Exception:
+            continue
+        yield from replies
 
 
 # --- 2. a client that stops reading ---------------------------------------------------------------

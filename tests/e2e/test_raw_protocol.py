@@ -40,7 +40,7 @@ def pack(obj: Any) -> bytes:
 
 class RawClient:
     """A minimal client: one DEALER socket, three-frame requests, msgpack bodies; a reply message
-    holds one or more replies, ``[IFDC2, command, body, command, body, ...]``."""
+    holds one or more replies, ``[IFDC2, [[command, body], ...]]``."""
 
     def __init__(self, endpoint: str):
         self.ctx = zmq.Context.instance()
@@ -80,14 +80,15 @@ class RawClient:
             return None
         frames = self.sock.recv_multipart()
         self.messages += 1
-        assert len(frames) >= 3 and len(frames) % 2 == 1, f"a reply message must be [signature, (command, " \
-                                                          f"body) x n], got {frames!r}"
+        assert len(frames) == 2, f"a reply message must be [signature, replies], got {frames!r}"
         assert frames[0] == SIG, f"bad reply signature {frames[0]!r}"
-        for command, data in zip(frames[1::2], frames[2::2]):
-            body = msgpack.unpackb(data, raw=False)
+        replies = msgpack.unpackb(frames[1], raw=False)
+        assert isinstance(replies, list) and 1 <= len(replies) <= 64, f"replies must be an array: {replies!r}"
+        for command, body in replies:
+            assert isinstance(command, str), f"a reply's command must be a string: {command!r}"
             assert isinstance(body, dict), f"reply body is not a map: {body!r}"
             assert all(isinstance(k, str) for k in body), f"reply body has non-string keys: {body!r}"
-            self.wire.append(Msg(command.decode("ascii"), body))
+            self.wire.append(Msg(command, body))
         return self.wire.pop(0)
 
     def recv(self, timeout: float = RECV_TIMEOUT) -> Msg | None:
@@ -486,8 +487,16 @@ def test_replies_are_coalesced_into_few_messages(client):
 
 
 def test_a_v1_client_is_told_that_the_broker_speaks_v2(client):
+    """In v1's own framing, as its request's final reply, so that a v1 client reads it."""
     client.send_frames([b"IFDC1", b"SUBMIT", pack({"id": 1, "deployment": "echo", "prompt": "x"})])
-    check_error(client.expect(), "BAD_REQUEST", None, in_message=("IFDC2", "v2"))
+    assert client.poller.poll(2000)
+    signature, command, body = client.sock.recv_multipart()
+    assert (signature, command) == (b"IFDC1", b"ERROR")
+    check_error(Msg("ERROR", msgpack.unpackb(body)), "BAD_REQUEST", 1, in_message=("IFDC2", "v2"))
+    client.send_frames([b"IFDC1", b"PING", b"\xc1"])  # no readable id: nil
+    assert client.poller.poll(2000)
+    signature, command, body = client.sock.recv_multipart()
+    check_error(Msg("ERROR", msgpack.unpackb(body)), "BAD_REQUEST", None, in_message=("IFDC2",))
     assert client.quiet(0.2) == []
 
 

@@ -132,13 +132,12 @@ class Conn:
         self.send(P.SUBMIT, {"id": cid, "deployment": deployment, "prompt": prompt, "params": params})
 
     def recv(self, timeout: float) -> tuple[bytes, dict] | None:
-        """The next reply; a message from the broker holds one or more: [IFDC2, command, body, ...]."""
+        """The next reply; a message from the broker holds one or more: [IFDC2, [[command, body], ...]]."""
         if not self.unread:
             if not self.sock.poll(max(0.0, timeout) * 1000, zmq.POLLIN):
                 return None
-            frames = self.sock.recv_multipart()
-            assert frames[0] == P.CLIENT and len(frames) % 2 == 1, frames
-            self.unread.extend((command, P.unpack(body)) for command, body in zip(frames[1::2], frames[2::2]))
+            replies = P.decode_replies(self.sock.recv_multipart())
+            self.unread.extend((command.encode(), body) for command, body in replies)
         return self.unread.pop(0)
 
     def collect(self, ids: list, timeout: float = 60, linger: float = 0.5,

@@ -110,11 +110,26 @@ def test_v1_is_only_named_on_the_client_channel():
 
 
 def test_replies_coalesce_into_one_message():
-    frames = P.encode_replies(P.CLIENT, [(P.CHUNK, {"id": 1, "index": 0, "text": "a"}),
-                                         (P.DONE, {"id": 1, "finish_reason": "stop", "chunks": 1})])
-    assert frames[0] == b"IFDC2" and frames[1::2] == [P.CHUNK, P.DONE]
-    assert [msgpack.unpackb(body) for body in frames[2::2]] == [
-        {"id": 1, "index": 0, "text": "a"}, {"id": 1, "finish_reason": "stop", "chunks": 1}]
+    replies = [(P.CHUNK, {"id": 1, "index": 0, "text": "a"}), (P.DONE, {"id": 1, "finish_reason": "stop", "chunks": 1})]
+    frames = P.encode_replies(P.CLIENT, replies)
+    assert frames[0] == b"IFDC2" and len(frames) == 2
+    assert msgpack.unpackb(frames[1]) == [["CHUNK", {"id": 1, "index": 0, "text": "a"}],
+                                          ["DONE", {"id": 1, "finish_reason": "stop", "chunks": 1}]]
+    assert P.decode_replies(frames) == [("CHUNK", replies[0][1]), ("DONE", replies[1][1])]
+
+
+@pytest.mark.parametrize("frames", [
+    [b"IFDC2"],
+    [b"IFDC1", msgpack.packb([["DONE", {}]])],
+    [b"IFDC2", msgpack.packb({"id": 1})],
+    [b"IFDC2", msgpack.packb([["DONE"]])],
+    [b"IFDC2", msgpack.packb([[b"DONE", {}]])],
+    [b"IFDC2", msgpack.packb([["DONE", {1: 2}]])],
+    [b"IFDC2", b"\xc1"],
+])
+def test_a_malformed_reply_message_is_a_protocol_error(frames):
+    with pytest.raises(P.ProtocolError):
+        P.decode_replies(frames)
 
 
 @pytest.mark.parametrize("entry,problem", [
