@@ -34,6 +34,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,10 +79,11 @@ class Settings:
     pipelined: int     # one-word requests, IN_FLIGHT outstanding
     streams: int       # STREAM_WORDS-word requests, STREAM_IN_FLIGHT outstanding
     warmup: int        # requests per system before anything is measured
+    rounds: int        # each phase this many times over all systems, interleaved; medians reported
 
 
-QUICK = Settings(round_trips=500, pipelined=5_000, streams=200, warmup=200)
-FULL = Settings(round_trips=5_000, pipelined=20_000, streams=2_000, warmup=1_000)
+QUICK = Settings(round_trips=500, pipelined=5_000, streams=200, warmup=200, rounds=1)
+FULL = Settings(round_trips=2_000, pipelined=10_000, streams=1_000, warmup=1_000, rounds=3)
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -400,13 +402,19 @@ PHASES: tuple[Callable[[Driver, Settings], dict[str, float]], ...] = (latency, t
 
 
 def run(drivers: list[Driver], s: Settings) -> dict[str, dict[str, float]]:
-    """Each phase on every driver in turn, then memory once all the load has passed."""
+    """Each phase on every driver in turn, ``rounds`` times (a burst of load from elsewhere on a
+    shared machine then hits one round, not one system), the median of each figure; then memory
+    once all the load has passed."""
     for driver in drivers:
         warm_up(driver, s)
-    results: dict[str, dict[str, float]] = {driver.name: {} for driver in drivers}
+    samples: dict[str, dict[str, list[float]]] = {driver.name: collections.defaultdict(list) for driver in drivers}
     for phase in PHASES:
-        for driver in drivers:
-            results[driver.name].update(phase(driver, s))
+        for _ in range(s.rounds):
+            for driver in drivers:
+                for key, value in phase(driver, s).items():
+                    samples[driver.name][key].append(value)
+    results = {name: {key: statistics.median(values) for key, values in figures.items()}
+               for name, figures in samples.items()}
     for driver in drivers:
         results[driver.name].update(driver.system.memory())
     return results
