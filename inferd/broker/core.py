@@ -15,9 +15,9 @@ allows (docs/protocol.md, v2): a request's ACCEPTED goes out only if nothing
 else has answered it within ``broker.accept_delay_ms`` (otherwise its first
 reply carries ``epoch`` and ``join``). The default, 20 ms, is long enough
 that a short request's first reply comes first, and short enough that a
-client waiting on a long queue learns at once that it was accepted. and the replies bound for one client are
-collected until :meth:`BrokerCore.flush`, which the process loop calls once
-per poll burst, and leave as one message.
+client waiting on a long queue learns at once that it was accepted. And the
+replies bound for one client are collected until :meth:`BrokerCore.flush`,
+which the process loop calls once per poll burst, and leave as one message.
 """
 
 from __future__ import annotations
