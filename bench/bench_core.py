@@ -1,23 +1,31 @@
-"""What inferd's serving path costs, next to a minimal ZeroMQ forwarder, measured in one run.
+"""What inferd's serving path costs, next to a bare ZeroMQ forwarding loop, measured in one run.
 
-inferd (supervisor, broker, echo workers) and the reference of
-``reference_loop.py`` (a frame-forwarding loop and an echo worker) are started
-side by side and driven by the same raw DEALER client, one system at a time,
-metric by metric, so that drift in a busy machine hits both alike. Measured:
+Started side by side, and driven one at a time, figure by figure, so that drift
+in a busy machine hits all alike:
 
-1. round trip, 1 request in flight: SUBMIT of a one-word prompt to DONE (p50, p99);
-2. throughput, 64 one-word requests in flight on one socket (req/s);
-3. streaming, 16 requests of 64 words (64 CHUNKs each) in flight (chunks/s);
-4. resident memory of inferd's supervisor and broker after the load.
+* ``bare loop``: ``reference_loop.py``'s forwarder and a worker sending one
+  reply per request (one per word when streaming): the physical limit of a
+  Python broker, and the reference of every ratio;
+* ``v1 loop``: the same forwarder, its worker answering with protocol v1's
+  messages (ACCEPTED, a CHUNK per word, DONE): what the message count cost;
+* ``inferd raw``: inferd (supervisor, broker, one echo worker,
+  ``max_concurrency`` 64) driven by the same raw DEALER client;
+* ``inferd Client`` and ``inferd AsyncClient``: inferd driven by its own clients.
 
-The echo runtime does no work, so the ratios price inferd itself: validation,
-queueing, credits, bookkeeping and the extra hop through the worker's engine
-thread. Usage: ``python bench/bench_core.py [--quick] [--json FILE]``.
+Measured: round trip of a one-word prompt with 1 in flight (p50, p99);
+throughput with 64 one-word requests in flight (req/s); streaming, 16 requests
+of 64 words in flight (chunks/s); the CPU time per request of each process
+(client, broker, worker: /proc/PID/stat over the throughput run); and the
+resident memory of inferd's supervisor and broker after the load. The echo
+runtime does no work, so the ratios price inferd itself.
+Usage: ``python bench/bench_core.py [--quick] [--json FILE]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -26,6 +34,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,9 +47,11 @@ import msgpack
 import zmq
 
 from inferd import errors
+from inferd.client import AsyncClient, Client
 from inferd.ctl import control_call
 
-SIGNATURE = b"IFDC1"
+SIGNATURE = b"IFDC2"
+SIGNATURE_V1 = b"IFDC1"
 PING_PROMPT = "ping"
 STREAM_WORDS = 64
 STREAM_PROMPT = " ".join(f"w{i}" for i in range(STREAM_WORDS))
@@ -56,9 +67,10 @@ log_level = "warning"
 [[deployment]]
 name = "echo"
 runtime = "echo"
-replicas = {replicas}
+replicas = 1
 max_concurrency = {max_concurrency}
 """
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -67,10 +79,11 @@ class Settings:
     pipelined: int     # one-word requests, IN_FLIGHT outstanding
     streams: int       # STREAM_WORDS-word requests, STREAM_IN_FLIGHT outstanding
     warmup: int        # requests per system before anything is measured
+    rounds: int        # each phase this many times over all systems, interleaved; medians reported
 
 
-QUICK = Settings(round_trips=500, pipelined=2_000, streams=200, warmup=200)
-FULL = Settings(round_trips=5_000, pipelined=20_000, streams=2_000, warmup=1_000)
+QUICK = Settings(round_trips=500, pipelined=5_000, streams=200, warmup=200, rounds=1)
+FULL = Settings(round_trips=2_000, pipelined=10_000, streams=1_000, warmup=1_000, rounds=3)
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -87,6 +100,12 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+def cpu_s(pid: int | str) -> float:
+    """User plus system CPU seconds of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def rss_mb(pid: int) -> float:
     """VmRSS of a live process, in MB (10^6 bytes)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -95,21 +114,26 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-class Reference:
-    """The forwarder and echo worker of reference_loop.py."""
+class Loop:
+    """reference_loop.py's forwarder, with its one-reply worker (``bare``) or its v1 worker."""
 
-    def __init__(self, workdir: Path):
-        self.name = "reference"
+    def __init__(self, workdir: Path, name: str, worker: str, protocol: int):
+        self.name = name
+        self.worker = worker
+        self.protocol = protocol
         self.workdir = workdir
-        self.endpoint = f"ipc://{workdir}/ref-frontend.sock"
+        self.endpoint = f"ipc://{workdir}/{worker}-frontend.sock"
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> None:
         script = str(Path(__file__).with_name("reference_loop.py"))
-        backend = f"ipc://{self.workdir}/ref-backend.sock"
-        log = self.workdir / "reference.log"
+        backend = f"ipc://{self.workdir}/{self.worker}-backend.sock"
+        log = self.workdir / f"{self.worker}.log"
         self.procs = [spawn([sys.executable, script, "forwarder", self.endpoint, backend], log),
-                      spawn([sys.executable, script, "worker", backend], log)]
+                      spawn([sys.executable, script, self.worker, backend], log)]
+
+    def pids(self) -> dict[str, int]:
+        return {"broker": self.procs[0].pid, "worker": self.procs[1].pid}
 
     def memory(self) -> dict[str, float]:
         return {"broker_rss_mb": rss_mb(self.procs[0].pid)}
@@ -121,12 +145,13 @@ class Reference:
 
 
 class Inferd:
-    """A real daemon, ``python -m inferd``, on a private runtime dir."""
+    """A real daemon, ``python -m inferd``, on a private runtime dir, one echo worker."""
 
-    def __init__(self, workdir: Path, replicas: int):
-        self.name = f"inferd x{replicas}"
-        self.replicas = replicas
-        self.home = workdir / f"inferd-{replicas}"
+    protocol = 2
+
+    def __init__(self, workdir: Path):
+        self.name = "inferd"
+        self.home = workdir / "inferd"
         self.runtime_dir = self.home / "run"
         self.endpoint = f"ipc://{self.runtime_dir}/frontend.sock"
         self.proc: subprocess.Popen | None = None
@@ -135,7 +160,7 @@ class Inferd:
     def start(self) -> None:
         self.home.mkdir()
         config = self.home / "inferd.toml"
-        config.write_text(INFERD_CONFIG.format(replicas=self.replicas, max_concurrency=IN_FLIGHT))
+        config.write_text(INFERD_CONFIG.format(max_concurrency=IN_FLIGHT))
         self.proc = spawn([sys.executable, "-m", "inferd", "--config", str(config),
                            "--runtime-dir", str(self.runtime_dir)], self.home / "inferd.log")
         status = self._wait_ready()
@@ -151,10 +176,13 @@ class Inferd:
             with contextlib.suppress(errors.InferdError):
                 status = control_call(self.runtime_dir, b"STATUS", 2.0)
                 workers = status["workers"]
-                if len(workers) == self.replicas and all(w["state"] == "ready" for w in workers):
+                if workers and all(w["state"] == "ready" for w in workers):
                     return status
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} not ready after {self.ready_timeout_s:g} s; see {self.home}/inferd.log")
+
+    def pids(self) -> dict[str, int]:
+        return {"broker": self.children[0], "worker": self.children[1]}
 
     def memory(self) -> dict[str, float]:
         return {"supervisor_rss_mb": rss_mb(self.proc.pid), "broker_rss_mb": rss_mb(self.children[0])}
@@ -176,20 +204,26 @@ class Inferd:
             self.proc.wait()
 
 
-System = Reference | Inferd
+System = Loop | Inferd
 
 
-# --- the client -----------------------------------------------------------------------------
+# --- the drivers ----------------------------------------------------------------------------
+# Each drives one system: ``round_trips`` (latency samples, us) and ``pipelined`` (seconds and
+# chunks for ``total`` requests, ``in_flight`` outstanding, a new one sent as each ends).
 
-class ProtocolClient:
-    """A raw DEALER speaking the client protocol: the same code drives every system."""
+class RawDriver:
+    """A raw DEALER speaking the client protocol (v2, or v1 for the v1 loop): the same code drives
+    the loops and inferd."""
 
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
+    def __init__(self, system: System, name: str):
+        self.name = name
+        self.system = system
+        self.endpoint = system.endpoint
+        self.v1 = system.protocol == 1
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVTIMEO, REPLY_TIMEOUT_MS)
-        self.sock.connect(endpoint)
+        self.sock.connect(self.endpoint)
         self._ids = itertools.count()
 
     def close(self) -> None:
@@ -197,48 +231,136 @@ class ProtocolClient:
 
     def submit(self, prompt: str) -> None:
         body = {"id": next(self._ids), "deployment": "echo", "prompt": prompt}
-        self.sock.send_multipart([SIGNATURE, b"SUBMIT", msgpack.packb(body)])
+        self.sock.send_multipart([SIGNATURE_V1 if self.v1 else SIGNATURE, b"SUBMIT", msgpack.packb(body)])
 
-    def reply(self) -> bytes:
-        """The next reply's command. Bodies are left undecoded: both systems would pay for it alike."""
+    def replies(self) -> list[bytes]:
+        """The commands of the next message's replies: ``[IFDC2, [[command, body], ...]]``, decoded
+        whole, or v1's ``[IFDC1, command, body]``, its body left undecoded (a v2 DONE carries the last
+        word: echo always knows it is the last)."""
         try:
-            _signature, command, body = self.sock.recv_multipart()
+            frames = self.sock.recv_multipart()
         except zmq.Again:
             raise TimeoutError(f"no reply from {self.endpoint} in {REPLY_TIMEOUT_MS} ms") from None
-        if command == b"ERROR":
-            raise RuntimeError(f"{self.endpoint} answered ERROR {msgpack.unpackb(body)}")
-        return command
+        commands = [frames[1]] if self.v1 else [command.encode() for command, _ in msgpack.unpackb(frames[1])]
+        if b"ERROR" in commands:
+            raise RuntimeError(f"{self.endpoint} answered ERROR {frames}")
+        return commands
 
     def round_trips(self, n: int) -> list[float]:
-        """Microseconds from SUBMIT to DONE for ``n`` requests, one at a time."""
         samples = []
         for _ in range(n):
             start = time.perf_counter_ns()
             self.submit(PING_PROMPT)
-            while self.reply() != b"DONE":
+            while b"DONE" not in self.replies():
                 pass
             samples.append((time.perf_counter_ns() - start) / 1000)
         return samples
 
     def pipelined(self, total: int, in_flight: int, prompt: str) -> tuple[float, int]:
-        """Seconds and chunks for ``total`` requests, a new one sent as each finishes."""
         start = time.perf_counter()
         for _ in range(min(in_flight, total)):
             self.submit(prompt)
         sent, done, chunks = min(in_flight, total), 0, 0
+        last_in_done = 0 if self.v1 else 1
         while done < total:
-            command = self.reply()
-            if command == b"CHUNK":
-                chunks += 1
-            elif command == b"DONE":
-                done += 1
-                if sent < total:
-                    self.submit(prompt)
-                    sent += 1
+            for command in self.replies():
+                if command == b"CHUNK":
+                    chunks += 1
+                elif command == b"DONE":
+                    done += 1
+                    chunks += last_in_done
+                    if sent < total:
+                        self.submit(prompt)
+                        sent += 1
         elapsed = time.perf_counter() - start
         if chunks != total * len(prompt.split()):
             raise RuntimeError(f"{self.endpoint}: {chunks} chunks for {total} requests of {prompt!r}")
         return elapsed, chunks
+
+
+class ClientDriver:
+    """inferd's blocking Client: a window of streams, the oldest read to its end, then another sent."""
+
+    def __init__(self, system: Inferd, name: str):
+        self.name = name
+        self.system = system
+        self.client = Client(system.endpoint)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def round_trips(self, n: int) -> list[float]:
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter_ns()
+            for _chunk in self.client.generate("echo", PING_PROMPT):
+                pass
+            samples.append((time.perf_counter_ns() - start) / 1000)
+        return samples
+
+    def pipelined(self, total: int, in_flight: int, prompt: str) -> tuple[float, int]:
+        start = time.perf_counter()
+        window = collections.deque(self.client.generate("echo", prompt) for _ in range(min(in_flight, total)))
+        sent, chunks = len(window), 0
+        while window:
+            chunks += sum(1 for _ in window.popleft())
+            if sent < total:
+                window.append(self.client.generate("echo", prompt))
+                sent += 1
+        return time.perf_counter() - start, chunks
+
+
+class AsyncDriver:
+    """inferd's AsyncClient: ``in_flight`` coroutines, each running requests one after another."""
+
+    def __init__(self, system: Inferd, name: str):
+        self.name = name
+        self.system = system
+        self.loop = asyncio.new_event_loop()
+        self.client = self.loop.run_until_complete(self._open(system.endpoint))
+
+    @staticmethod
+    async def _open(endpoint: str) -> AsyncClient:
+        return AsyncClient(endpoint)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.close())
+        self.loop.close()
+
+    async def _one(self, prompt: str) -> int:
+        n = 0
+        async for _chunk in self.client.generate("echo", prompt):
+            n += 1
+        return n
+
+    def round_trips(self, n: int) -> list[float]:
+        async def go() -> list[float]:
+            samples = []
+            for _ in range(n):
+                start = time.perf_counter_ns()
+                await self._one(PING_PROMPT)
+                samples.append((time.perf_counter_ns() - start) / 1000)
+            return samples
+        return self.loop.run_until_complete(go())
+
+    def pipelined(self, total: int, in_flight: int, prompt: str) -> tuple[float, int]:
+        left = [total]
+
+        async def lane() -> int:
+            chunks = 0
+            while left[0] > 0:
+                left[0] -= 1
+                chunks += await self._one(prompt)
+            return chunks
+
+        async def go() -> int:
+            return sum(await asyncio.gather(*(lane() for _ in range(min(in_flight, total)))))
+        start = time.perf_counter()
+        chunks = self.loop.run_until_complete(go())
+        return time.perf_counter() - start, chunks
+
+
+Driver = RawDriver | ClientDriver | AsyncDriver
 
 
 # --- measurements ---------------------------------------------------------------------------
@@ -249,91 +371,106 @@ def percentile(samples: list[float], pct: float) -> float:
     return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
 
 
-def warm_up(client: ProtocolClient, s: Settings) -> None:
-    client.round_trips(s.warmup)
-    client.pipelined(s.warmup, IN_FLIGHT, PING_PROMPT)
-    client.pipelined(max(1, s.warmup // 10), STREAM_IN_FLIGHT, STREAM_PROMPT)
+def warm_up(driver: Driver, s: Settings) -> None:
+    driver.round_trips(s.warmup)
+    driver.pipelined(s.warmup, IN_FLIGHT, PING_PROMPT)
+    driver.pipelined(max(1, s.warmup // 10), STREAM_IN_FLIGHT, STREAM_PROMPT)
 
 
-def latency(client: ProtocolClient, s: Settings) -> dict[str, float]:
-    samples = client.round_trips(s.round_trips)
+def latency(driver: Driver, s: Settings) -> dict[str, float]:
+    samples = driver.round_trips(s.round_trips)
     return {"p50_us": percentile(samples, 50), "p99_us": percentile(samples, 99)}
 
 
-def throughput(client: ProtocolClient, s: Settings) -> dict[str, float]:
-    elapsed, _ = client.pipelined(s.pipelined, IN_FLIGHT, PING_PROMPT)
-    return {"req_per_s": s.pipelined / elapsed}
+def throughput(driver: Driver, s: Settings) -> dict[str, float]:
+    """Requests per second, and each process's CPU time per request over the run."""
+    pids = {"client": "self", **driver.system.pids()}
+    before = {role: cpu_s(pid) for role, pid in pids.items()}
+    elapsed, _ = driver.pipelined(s.pipelined, IN_FLIGHT, PING_PROMPT)
+    cpu = {f"{role}_cpu_us": (cpu_s(pid) - before[role]) / s.pipelined * 1e6 for role, pid in pids.items()}
+    return {"req_per_s": s.pipelined / elapsed, **cpu}
 
 
-def streaming(client: ProtocolClient, s: Settings) -> dict[str, float]:
-    elapsed, chunks = client.pipelined(s.streams, STREAM_IN_FLIGHT, STREAM_PROMPT)
+def streaming(driver: Driver, s: Settings) -> dict[str, float]:
+    elapsed, chunks = driver.pipelined(s.streams, STREAM_IN_FLIGHT, STREAM_PROMPT)
+    if chunks != s.streams * STREAM_WORDS:
+        raise RuntimeError(f"{driver.name}: {chunks} chunks for {s.streams} streams of {STREAM_WORDS} words")
     return {"chunks_per_s": chunks / elapsed}
 
 
-PHASES: tuple[Callable[[ProtocolClient, Settings], dict[str, float]], ...] = (latency, throughput, streaming)
+PHASES: tuple[Callable[[Driver, Settings], dict[str, float]], ...] = (latency, throughput, streaming)
 
 
-def run(systems: list[System], s: Settings) -> dict[str, dict[str, float]]:
-    """Each phase on every system in turn, then memory once all the load has passed."""
-    clients = {system.name: ProtocolClient(system.endpoint) for system in systems}
-    try:
-        for client in clients.values():
-            warm_up(client, s)
-        results: dict[str, dict[str, float]] = {system.name: {} for system in systems}
-        for phase in PHASES:
-            for name, client in clients.items():
-                results[name].update(phase(client, s))
-        for system in systems:
-            results[system.name].update(system.memory())
-        return results
-    finally:
-        for client in clients.values():
-            client.close()
+def run(drivers: list[Driver], s: Settings) -> dict[str, dict[str, float]]:
+    """Each phase on every driver in turn, ``rounds`` times (a burst of load from elsewhere on a
+    shared machine then hits one round, not one system), the median of each figure; then memory
+    once all the load has passed."""
+    for driver in drivers:
+        warm_up(driver, s)
+    samples: dict[str, dict[str, list[float]]] = {driver.name: collections.defaultdict(list) for driver in drivers}
+    for phase in PHASES:
+        for _ in range(s.rounds):
+            for driver in drivers:
+                for key, value in phase(driver, s).items():
+                    samples[driver.name][key].append(value)
+    results = {name: {key: statistics.median(values) for key, values in figures.items()}
+               for name, figures in samples.items()}
+    for driver in drivers:
+        results[driver.name].update(driver.system.memory())
+    return results
 
 
 # --- report ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Row:
-    key: str
-    label: str
-    target: str = ""
-    met: Callable[[float, float | None], bool] | None = None  # (inferd's value, ratio) -> target met
-
-
-ROWS = (
-    Row("p50_us", "round trip p50, 1 in flight (us)", "ratio <= 1.5", lambda v, r: r <= 1.5),
-    Row("p99_us", "round trip p99, 1 in flight (us)"),
-    Row("req_per_s", f"throughput, {IN_FLIGHT} in flight (req/s)", "ratio >= 0.7", lambda v, r: r >= 0.7),
-    Row("chunks_per_s", f"{STREAM_WORDS}-word streams, {STREAM_IN_FLIGHT} in flight (chunks/s)",
-        "ratio >= 0.7", lambda v, r: r >= 0.7),
-    Row("supervisor_rss_mb", "supervisor RSS after load (MB)", "< 60 MB", lambda v, r: v < 60),
-    Row("broker_rss_mb", "broker RSS after load (MB)", "< 60 MB", lambda v, r: v < 60),
+BARE = "bare loop"
+ROWS = (  # (key, label, digits)
+    ("p50_us", "round trip p50, 1 in flight (us)", 0),
+    ("p99_us", "round trip p99, 1 in flight (us)", 0),
+    ("req_per_s", f"throughput, {IN_FLIGHT} in flight (req/s)", 0),
+    ("chunks_per_s", f"{STREAM_WORDS}-word streams, {STREAM_IN_FLIGHT} in flight (chunks/s)", 0),
+    ("client_cpu_us", "CPU per request: client (us)", 1),
+    ("broker_cpu_us", "CPU per request: broker (us)", 1),
+    ("worker_cpu_us", "CPU per request: worker (us)", 1),
+    ("broker_rss_mb", "broker RSS after load (MB)", 1),
+    ("supervisor_rss_mb", "supervisor RSS after load (MB)", 1),
+)
+# The targets (issue #10): (system, key, test on the ratio to the bare loop, or on the value).
+TARGETS = (
+    ("inferd raw", "p50_us", "ratio <= 1.5", lambda value, ratio: ratio <= 1.5),
+    ("inferd raw", "req_per_s", "ratio >= 0.7", lambda value, ratio: ratio >= 0.7),
+    ("inferd AsyncClient", "req_per_s", "ratio >= 0.5", lambda value, ratio: ratio >= 0.5),
+    ("inferd raw", "broker_rss_mb", "< 60 MB", lambda value, ratio: value < 60),
+    ("inferd raw", "supervisor_rss_mb", "< 60 MB", lambda value, ratio: value < 60),
 )
 
 
-def compare(ours: dict[str, float], ref: dict[str, float]) -> list[dict]:
-    """One entry per row: both values, the ratio inferd/reference, and whether the target is met."""
+def table(results: dict[str, dict[str, float]]) -> str:
+    """Metrics down, systems across; each figure with its ratio to the bare loop."""
+    names = list(results)
+    bare = results[BARE]
+
+    def cell(name: str, key: str, digits: int) -> str:
+        value = results[name].get(key)
+        if value is None:
+            return "-"
+        text = f"{value:,.{digits}f}"
+        base = bare.get(key)
+        return text if name == BARE or not base else f"{text} ({value / base:.2f}x)"
+
+    lines = [["metric", *names]] + [[label, *(cell(n, key, digits) for n in names)] for key, label, digits in ROWS]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+
+def verdicts(results: dict[str, dict[str, float]]) -> list[dict]:
     out = []
-    for row in ROWS:
-        value, base = ours[row.key], ref.get(row.key)
-        ratio = value / base if base else None
-        out.append({"metric": row.key, "inferd": value, "reference": base, "ratio": ratio,
-                    "target": row.target or None, "met": row.met(value, ratio) if row.met else None})
+    for name, key, target, met in TARGETS:
+        value = results[name][key]
+        ratio = value / results[BARE][key] if key in results[BARE] else None
+        out.append({"system": name, "metric": key, "value": value, "ratio": ratio, "target": target,
+                    "met": met(value, ratio)})
     return out
-
-
-def table(name: str, comparison: list[dict]) -> str:
-    def fmt(v: float | None, digits: int = 1) -> str:
-        return "-" if v is None else f"{v:,.{digits}f}" if v < 100 else f"{v:,.0f}"
-
-    verdict = {True: "ok", False: "MISSED", None: ""}
-    lines = [("metric", name, "reference", "ratio", "target", "")]
-    lines += [(row.label, fmt(c["inferd"]), fmt(c["reference"]), fmt(c["ratio"], 3), row.target, verdict[c["met"]])
-              for row, c in zip(ROWS, comparison)]
-    widths = [max(len(line[i]) for line in lines) for i in range(6)]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) if i < 4 else cell.ljust(w)
-                               for i, (cell, w) in enumerate(zip(line, widths))).rstrip() for line in lines)
 
 
 def machine() -> dict:
@@ -349,7 +486,6 @@ def machine() -> dict:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests: a check that it works, noisy figures")
-    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="inferd replica counts to run")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as JSON")
     return parser.parse_args()
 
@@ -362,16 +498,20 @@ def main() -> None:
     print(f"machine: {info['nproc']} cpus ({info['cpu']}), python {info['python']}, pyzmq {info['pyzmq']} "
           f"(libzmq {info['libzmq']}), msgpack {info['msgpack']}, load average {info['loadavg_at_start']:.2f}")
     print(f"settings: {'quick' if args.quick else 'full'} {asdict(settings)}; one-word prompt {PING_PROMPT!r}; "
-          f"inferd echo deployment, replicas {args.replicas}, max_concurrency {IN_FLIGHT}, default heartbeats")
+          f"inferd echo deployment, 1 worker, max_concurrency {IN_FLIGHT}, default heartbeats")
     workdir = Path(tempfile.mkdtemp(prefix="inferd-bench-"))
-    systems: list[System] = [Reference(workdir)] + [Inferd(workdir, n) for n in args.replicas]
+    bare, v1, ours = Loop(workdir, BARE, "worker", 2), Loop(workdir, "v1 loop", "worker-v1", 1), Inferd(workdir)
     keep_logs = False
     try:
         with contextlib.ExitStack() as stack:
-            for system in systems:
+            for system in (bare, v1, ours):
                 stack.callback(system.stop)
                 system.start()
-            results = run(systems, settings)
+            drivers: list[Driver] = [RawDriver(bare, BARE), RawDriver(v1, "v1 loop"), RawDriver(ours, "inferd raw"),
+                                     ClientDriver(ours, "inferd Client"), AsyncDriver(ours, "inferd AsyncClient")]
+            for driver in drivers:
+                stack.callback(driver.close)
+            results = run(drivers, settings)
     except Exception:
         keep_logs = True
         print(f"failed; logs kept in {workdir}", file=sys.stderr)
@@ -379,14 +519,19 @@ def main() -> None:
     finally:
         if not keep_logs:
             shutil.rmtree(workdir)
-
-    comparisons = {s.name: compare(results[s.name], results["reference"]) for s in systems[1:]}
-    for name, comparison in comparisons.items():
-        print()
-        print(table(name, comparison))
+    info["loadavg_at_end"] = os.getloadavg()[0]
+    print()
+    print(table(results))
+    print()
+    checks = verdicts(results)
+    for c in checks:
+        ratio = "" if c["ratio"] is None else f" ({c['ratio']:.2f}x the bare loop)"
+        print(f"{c['system']} {c['metric']} {c['value']:,.1f}{ratio}: target {c['target']}: "
+              f"{'ok' if c['met'] else 'MISSED'}")
+    print(f"load average at the end: {info['loadavg_at_end']:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "settings": {**asdict(settings), "replicas": args.replicas},
-                                         "results": results, "comparisons": comparisons}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"machine": info, "settings": asdict(settings), "results": results,
+                                         "targets": checks}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -188,7 +188,12 @@ def http_serial(port: int, request: bytes, expect: bytes, count: int) -> dict:
 # --- the ZeroMQ client path -----------------------------------------------------------------------
 
 def _submit(sock: zmq.Socket, rid: int, prompt: str) -> None:
-    sock.send_multipart([b"IFDC1", b"SUBMIT", msgpack.packb({"id": rid, "deployment": "echo", "prompt": prompt})])
+    sock.send_multipart([b"IFDC2", b"SUBMIT", msgpack.packb({"id": rid, "deployment": "echo", "prompt": prompt})])
+
+
+def _finals(frames: list[bytes]) -> list[tuple[str, dict]]:
+    """The finals (DONE, ERROR) among the replies of one message: [IFDC2, [[command, body], ...]]."""
+    return [(command, body) for command, body in msgpack.unpackb(frames[1]) if command in ("DONE", "ERROR")]
 
 
 def zmq_load(endpoint: str, prompt: str, seconds: float, warmup: float, in_flight: int) -> dict:
@@ -209,20 +214,18 @@ def zmq_load(endpoint: str, prompt: str, seconds: float, warmup: float, in_fligh
         while started:
             if not sock.poll(10_000):
                 raise RuntimeError("no answer from inferd in 10 s")
-            _, command, body = sock.recv_multipart()
-            if command not in (b"DONE", b"ERROR"):
-                continue
-            rid = msgpack.unpackb(body)["id"]
-            if command == b"ERROR":
-                raise RuntimeError(f"inferd answered {msgpack.unpackb(body)}")
-            end = time.perf_counter()
-            begun = started.pop(rid)
-            if begun >= record_from:
-                latencies.append(end - begun)
-            if end < until:
-                started[next_id] = time.perf_counter()
-                _submit(sock, next_id, prompt)
-                next_id += 1
+            for command, body in _finals(sock.recv_multipart()):
+                rid = body["id"]
+                if command == "ERROR":
+                    raise RuntimeError(f"inferd answered {body}")
+                end = time.perf_counter()
+                begun = started.pop(rid)
+                if begun >= record_from:
+                    latencies.append(end - begun)
+                if end < until:
+                    started[next_id] = time.perf_counter()
+                    _submit(sock, next_id, prompt)
+                    next_id += 1
     finally:
         sock.close(0)
     return summarize(latencies, seconds)
@@ -238,7 +241,7 @@ def zmq_serial(endpoint: str, prompt: str, count: int) -> dict:
         for rid in range(count + count // 10):
             start = time.perf_counter()
             _submit(sock, rid, prompt)
-            while sock.recv_multipart()[1] not in (b"DONE", b"ERROR"):
+            while not _finals(sock.recv_multipart()):
                 pass
             if rid >= count // 10:
                 latencies.append(time.perf_counter() - start)

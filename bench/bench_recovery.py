@@ -125,7 +125,7 @@ class Daemon(Inferd):
     """bench_core's daemon (own session, SIGINT then SIGKILL on stop) with a config of our own."""
 
     def __init__(self, workdir: Path, tag: str, config_text: str):
-        super().__init__(workdir, replicas=1)
+        super().__init__(workdir)
         self.name = f"inferd ({tag})"
         self.home = workdir / tag
         self.runtime_dir = self.home / "run"

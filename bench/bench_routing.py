@@ -7,9 +7,10 @@
    are in flight, each dispatch is followed by the completion of a random one (service times vary).
 2. The broker's per-request time: ``BrokerCore`` driven in-process through a no-op transport that
    only records REQUESTs, default (least-loaded) routing, 64 requests in flight, credits 64 per
-   worker: a worker's CHUNK and DONE for the oldest request, then a client's SUBMIT (decoded as the
-   broker's loop hands it over; REQUEST, ACCEPTED, CHUNK and DONE go out). Frames are encoded before
-   each timed batch, so this is the core's logic and its decoding, without ZeroMQ or the encoding of
+   worker: a worker's CHUNKS with a chunk and the end (a DONE carrying the last text) for the oldest
+   request, then a client's SUBMIT (decoded as the broker's loop hands it over; REQUEST, CHUNK and
+   DONE go out, collected for the client until the batch's flush). Frames are encoded before each
+   timed batch, so this is the core's logic and its decoding, without ZeroMQ or the encoding of
    replies: a lower bound of the broker process's ~300 us at 64 in flight (docs/benchmarks.md),
    which makes the fractions printed an upper bound.
 
@@ -66,7 +67,7 @@ def zipf_keys(count: int, rng: random.Random, sessions: int = 1000, s: float = 1
 def worker_pool(n: int) -> list[WorkerRecord]:
     """Ready workers, sorted by id, as the broker hands them to a policy."""
     pool = [WorkerRecord(id=f"echo-{i}", deployment=None, pid=0, device="cpu", credits=CREDITS,
-                         state="ready", last_seen=0.0) for i in range(n)]
+                         state="ready", last_seen=0.0, attached=True) for i in range(n)]
     for w in pool:
         w.recount()
     return sorted(pool, key=lambda w: w.id)
@@ -130,7 +131,7 @@ class RequestRecorder:
     def __init__(self) -> None:
         self.dispatched: deque[tuple[str, int]] = deque()
 
-    def to_client(self, client: bytes, command: bytes, body: dict) -> None:
+    def to_client(self, client: bytes, replies: list[tuple[bytes, dict]]) -> None:
         pass
 
     def to_worker(self, worker: str, command: bytes, body: dict) -> None:
@@ -153,7 +154,9 @@ def bench_broker(workers: int, batches: int) -> dict[str, float]:
         wid = f"echo-{i}"
         core.on_worker(wid.encode(), [P.WORKER, P.READY, P.pack({
             "worker": wid, "deployment": "echo", "device": "cpu", "pid": 1000 + i, "runtime": "echo",
-            "state": "ready", "credits": CREDITS, "in_flight": 0})])
+            "state": "ready", "credits": CREDITS, "in_flight": 0, "generation": 1})])
+        core.on_worker((wid + P.ENGINE_SUFFIX).encode(), [P.WORKER, P.ATTACH, P.pack({"worker": wid,
+                                                                                      "generation": 1})])
     client, cid = b"bench", 0
 
     def submits(count: int) -> list[list[bytes]]:
@@ -169,16 +172,15 @@ def bench_broker(workers: int, batches: int) -> dict[str, float]:
         answers = []
         for _ in range(IN_FLIGHT):  # the oldest 64: all dispatched before this batch
             wid, rid = transport.dispatched.popleft()
-            answers.append((wid.encode(),
-                            [P.WORKER, P.CHUNKS, P.pack({"worker": wid, "chunks": [[rid, "hello"]]})],
-                            [P.WORKER, P.DONE, P.pack({"worker": wid, "rid": rid, "finish_reason": "stop"})]))
+            answers.append(((wid + P.ENGINE_SUFFIX).encode(), [P.WORKER, P.CHUNKS, P.pack(
+                {"worker": wid, "chunks": [[rid, "hello"], [rid, "world", "stop"]]})]))
         new = submits(IN_FLIGHT)
         on_worker, on_client = core.on_worker, core.on_client
         start = time.perf_counter_ns()
-        for (identity, chunk, done), submit in zip(answers, new):
-            on_worker(identity, chunk)
-            on_worker(identity, done)
+        for (identity, chunks), submit in zip(answers, new):
+            on_worker(identity, chunks)
             on_client(client, submit)
+        core.flush()
         elapsed = time.perf_counter_ns() - start
         if b >= batches // 10:  # after the warm-up
             per_request.append(elapsed / IN_FLIGHT / 1000)

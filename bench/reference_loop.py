@@ -6,9 +6,14 @@ Two processes, started by the benchmark:
   worker, and a poll loop that moves frames between them untouched. It never
   decodes a body: the client's routing id travels with the message to the
   worker and back, so there is no queue, no request table, no admission.
-* ``worker BACKEND``: decodes each SUBMIT and answers with the messages inferd
-  sends (ACCEPTED, one CHUNK per word, DONE) in the same IFDC1 three-frame
-  format, so the client cannot tell the two apart.
+* ``worker BACKEND``: decodes each SUBMIT and answers with the least a reply
+  can be: one message per word, the last one a DONE that carries it (for a
+  one-word prompt, a single message), in inferd's v2 format. This is the
+  physical limit of a Python broker: inferd sends no more messages than this
+  (fewer, by coalescing), so what it costs beyond it is its own work.
+* ``worker-v1 BACKEND``: answers as inferd's protocol v1 did (ACCEPTED, one
+  CHUNK per word, DONE, three-frame IFDC1 messages), to show what the
+  protocol's message count alone cost.
 
 What inferd adds on top of this (validation, queueing, credits, deadlines,
 metrics, a worker engine thread) is what the benchmark puts a price on.
@@ -24,7 +29,8 @@ import sys
 import msgpack
 import zmq
 
-SIGNATURE = b"IFDC1"
+SIGNATURE_V1 = b"IFDC1"
+SIGNATURE = b"IFDC2"
 EPOCH = int.from_bytes(os.urandom(6), "big")
 
 
@@ -60,8 +66,28 @@ def worker(backend_endpoint: str) -> None:
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(backend_endpoint)
 
+    def reply(client: bytes, command: str, body: dict) -> None:
+        sock.send_multipart([client, SIGNATURE, msgpack.packb([[command, body]])])
+
+    while True:
+        client, _signature, command, body = sock.recv_multipart()
+        if command != b"SUBMIT":
+            continue  # the benchmark sends nothing else
+        request = msgpack.unpackb(body)
+        cid = request["id"]
+        words = request["prompt"].split()
+        for index, word in enumerate(words[:-1]):
+            reply(client, "CHUNK", {"id": cid, "index": index, "text": word})
+        reply(client, "DONE", {"id": cid, "finish_reason": "stop", "index": len(words) - 1, "text": words[-1],
+                                "chunks": len(words), "epoch": EPOCH, "join": " "})
+
+
+def worker_v1(backend_endpoint: str) -> None:
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.connect(backend_endpoint)
+
     def reply(client: bytes, command: bytes, body: dict) -> None:
-        sock.send_multipart([client, SIGNATURE, command, msgpack.packb(body)])
+        sock.send_multipart([client, SIGNATURE_V1, command, msgpack.packb(body)])
 
     while True:
         client, _signature, command, body = sock.recv_multipart()
@@ -82,7 +108,7 @@ def worker(backend_endpoint: str) -> None:
 def main() -> None:
     die_with_parent()
     role, *endpoints = sys.argv[1:]
-    {"forwarder": forwarder, "worker": worker}[role](*endpoints)
+    {"forwarder": forwarder, "worker": worker, "worker-v1": worker_v1}[role](*endpoints)
 
 
 if __name__ == "__main__":

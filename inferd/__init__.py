@@ -4,4 +4,4 @@ Importing the package is cheap on purpose: the supervisor, the broker and the
 client import it, and they must start fast and never pull in torch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -167,6 +167,19 @@ def _error(body: dict[str, Any]) -> errors.InferdError:
     return errors.from_wire(str(body.get("code")), str(body.get("message", "")), body.get("details"))
 
 
+_REPLIES = {command.decode(): command for command in (P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR, P.PONG)}
+
+
+def _replies(frames: list[bytes]) -> list[tuple[bytes, dict[str, Any]]]:
+    """The replies in one message from the broker: ``[IFDC2, [[command, body], ...]]``. Anything
+    else is skipped: the broker only sends well-formed messages."""
+    try:
+        pairs = P.decode_replies(frames)
+    except P.ProtocolError:
+        return []
+    return [(_REPLIES[name], body) for name, body in pairs if name in _REPLIES]
+
+
 class _Tracker:
     """Liveness for one request: when to ping, and when to give up."""
 
@@ -310,27 +323,29 @@ class Client:
     def _take(self, cid: Any, timeout_s: float) -> tuple[bytes, dict] | None:
         """The next message for ``cid``, buffering others' messages; None on timeout."""
         box = self._inbox[cid]
-        deadline = time.monotonic() + max(0.0, timeout_s)
+        deadline = None
         while not box:
+            if self._drain():
+                continue
+            if deadline is None:
+                deadline = time.monotonic() + max(0.0, timeout_s)
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._sock.poll(remaining * 1000, zmq.POLLIN):
+            if remaining <= 0 or not zmqio.readable(self._sock, remaining):
                 return None
-            while True:
-                try:
-                    frames = zmqio.recv(self._sock, zmqio.DONTWAIT)
-                except zmq.Again:
-                    break
-                self._deliver(frames)
         return box.popleft()
 
-    def _deliver(self, frames: list[bytes]) -> None:
-        try:
-            command, body = P.decode(P.CLIENT, frames, frozenset({P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR, P.PONG}))
-        except P.ProtocolError:
-            return  # not ours to handle; the broker only sends well-formed messages
-        box = self._inbox.get(body.get("id"))
-        if box is not None:
-            box.append((command, body))
+    def _drain(self) -> bool:
+        """File every message waiting into the inboxes; False if there was none."""
+        inbox = self._inbox
+        sock = self._sock
+        got = False
+        while zmqio.pending(sock):
+            got = True
+            for command, body in _replies(zmqio.recv(sock, zmqio.DONTWAIT)):
+                box = inbox.get(body.get("id"))
+                if box is not None:
+                    box.append((command, body))
+        return got
 
 
 class Stream:
@@ -366,13 +381,12 @@ class Stream:
 
     def __next__(self) -> Chunk:
         while not self._finished:
-            message = self._next_message()
-            command, body = message
-            if command == P.ACCEPTED:
+            command, body = self._next_message()
+            if not self._accepted and "epoch" in body:  # the first reply of an accepted request
                 self._accepted = self._tracker.accepted = True
-                self._epoch = body.get("epoch")
+                self._epoch = body["epoch"]
                 self.join = body.get("join", "")
-            elif command == P.CHUNK:
+            if command == P.CHUNK:
                 gap = _gap(self._last.index + 1 if self._last else 0, body)
                 if gap:
                     self.close()
@@ -387,10 +401,9 @@ class Stream:
                     raise gap
                 self.finish_reason = body.get("finish_reason")
                 self.usage = body.get("usage")
-                if self._last is None or self._last.finish_reason is None:
-                    # The runtime could not mark its last chunk: close the stream with an empty one.
-                    index = self._last.index + 1 if self._last else 0
-                    return Chunk("", index, self.finish_reason)
+                # The last chunk rides in DONE; a DONE without text closes the stream with an empty one.
+                index = self._last.index + 1 if self._last else 0
+                return Chunk(body.get("text", ""), index, self.finish_reason)
             elif command == P.ERROR:
                 self._end()
                 raise _error(body)
@@ -434,13 +447,20 @@ class Stream:
             self._end()
 
 
-async def _next(box: asyncio.Queue, timeout_s: float) -> tuple[bytes, dict[str, Any]]:
-    """The next message for a request. One that is already waiting is taken at once: a stream
-    reads one message per token, and ``asyncio.wait_for`` costs a task per call (Python 3.11)."""
-    if not box.empty():
-        return box.get_nowait()
-    async with asyncio.timeout(timeout_s):
-        return await box.get()
+class _Inbox:
+    """What one request of an :class:`AsyncClient` has received and not yet read, and the future
+    its reader waits on when there is nothing (at most one at a time: one per wait, not per message)."""
+
+    __slots__ = ("box", "waiter")
+
+    def __init__(self) -> None:
+        self.box: collections.deque[tuple[bytes, dict[str, Any]]] = collections.deque()
+        self.waiter: asyncio.Future | None = None
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class AsyncClient:
@@ -452,10 +472,11 @@ class AsyncClient:
             async for chunk in client.generate("echo", "hello world"):
                 ...
 
-    It reads a plain socket through the loop's ``add_reader`` rather than
-    ``zmq.asyncio`` (a future per message costs more than the message: one per
-    token), and queues its sends to flush them once per loop iteration, so that
-    many concurrent requests (a gateway's) share one wake-up of ZeroMQ's I/O thread.
+    Per request it costs one future at most per wait, and no task: the socket is a plain
+    (not ``zmq.asyncio``) one, read through the loop's ``add_reader`` on its FD, each wake-up
+    draining every message waiting into the requests' inboxes; sends are queued and flushed
+    once per loop iteration, so that many concurrent requests (a gateway's) share one wake-up
+    of ZeroMQ's I/O thread.
     """
 
     def __init__(self, endpoint: str | None = None, *, runtime_dir: str | os.PathLike | None = None,
@@ -468,7 +489,7 @@ class AsyncClient:
         self._sock = _open_socket(self._ctx, self.endpoint, curve_keys, answer_timeout_s)
         self._limit: int | None = None
         self._ids = itertools.count(1)
-        self._inbox: dict[Any, asyncio.Queue] = {}
+        self._inbox: dict[Any, _Inbox] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: collections.deque[list[bytes]] = collections.deque()
         self._stuck_since: float | None = None   # when a send first found no connection to take it
@@ -493,23 +514,30 @@ class AsyncClient:
         """Deliver every message waiting. ZeroMQ's FD is edge-triggered: it signals that the
         socket's state changed, so the socket is read until it has nothing left."""
         sock = self._sock
-        while not sock.closed:
+        inbox = self._inbox
+        while not sock.closed and zmqio.pending(sock):
+            for reply in _replies(zmqio.recv(sock, zmqio.DONTWAIT)):
+                waiting = inbox.get(reply[1].get("id"))
+                if waiting is not None:
+                    waiting.box.append(reply)
+                    if waiting.waiter is not None:
+                        _wake(waiting.waiter)
+
+    async def _next(self, waiting: _Inbox, timeout_s: float) -> tuple[bytes, dict[str, Any]]:
+        """The request's next reply; one already received is taken at once. TimeoutError if none came."""
+        if not waiting.box:
+            waiter = waiting.waiter = self._loop.create_future()
+            timer = self._loop.call_later(timeout_s, _wake, waiter)
             try:
-                frames = zmqio.recv(sock, zmqio.DONTWAIT)
-            except zmq.Again:
-                return
-            self._deliver(frames)
+                await waiter
+            finally:
+                timer.cancel()
+                waiting.waiter = None
+            if not waiting.box:
+                raise TimeoutError
+        return waiting.box.popleft()
 
-    def _deliver(self, frames: list[bytes]) -> None:
-        try:
-            command, body = P.decode(P.CLIENT, frames, frozenset({P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR, P.PONG}))
-        except P.ProtocolError:
-            return
-        box = self._inbox.get(body.get("id"))
-        if box is not None:
-            box.put_nowait((command, body))
-
-    async def _send(self, command: bytes, body: dict[str, Any]) -> None:
+    def _send(self, command: bytes, body: dict[str, Any]) -> None:
         self._queue(P.encode(P.CLIENT, command, body))
 
     def _queue(self, frames: list[bytes]) -> None:
@@ -538,11 +566,11 @@ class AsyncClient:
     async def ping(self) -> dict[str, Any]:
         self._ensure_reader()
         cid = f"ping-{next(self._ids)}"
-        box = self._inbox[cid] = asyncio.Queue()
+        waiting = self._inbox[cid] = _Inbox()
         try:
-            await self._send(P.PING, {"id": cid})
-            command, body = await _next(box, self.answer_timeout_s)
-        except asyncio.TimeoutError:
+            self._send(P.PING, {"id": cid})
+            command, body = await self._next(waiting, self.answer_timeout_s)
+        except TimeoutError:
             if self._stuck_since is not None:
                 raise _unreachable(self.endpoint, self.answer_timeout_s) from None
             raise errors.Unavailable(f"no answer from inferd at {self.endpoint} "
@@ -559,33 +587,52 @@ class AsyncClient:
         """Submit a request and yield its chunks; leaving the loop early cancels it.
         Runtime params go as keywords or as ``params={...}``."""
         params = _merge_params(params, kwargs)
-        last: Chunk | None = None
+        index = 0
         # aclosing: leaving this loop early must close (and so cancel) the request now, not at collection.
-        async with contextlib.aclosing(self.request(deployment, prompt, priority=priority, deadline_ms=deadline_ms,
-                                                    affinity=affinity, params=params)) as messages:
-            async for command, body in messages:
+        async with contextlib.aclosing(self._replies(deployment, prompt, None, priority, deadline_ms, affinity,
+                                                     params)) as replies:
+            async for command, body in replies:
                 if command == P.CHUNK:
-                    last = Chunk(body.get("text", ""), body["index"], body.get("finish_reason"))
-                    yield last
-                elif command == P.DONE and (last is None or last.finish_reason is None):
-                    yield Chunk("", last.index + 1 if last else 0, body.get("finish_reason"))
+                    yield Chunk(body["text"], index)
+                    index += 1
+                elif command == P.DONE:  # with the last chunk's text, or closing the stream with an empty one
+                    yield Chunk(body.get("text", ""), index, body.get("finish_reason"))
 
     async def request(self, deployment: str, prompt: str | None = None, *, messages: list | None = None,
                       priority: int | None = None, deadline_ms: int | None = None, affinity: str | None = None,
                       params: dict[str, Any] | None = None) -> AsyncIterator[tuple[bytes, dict[str, Any]]]:
-        """Submit a request and yield its broker messages as they are: ACCEPTED, each CHUNK, then DONE
-        (with ``usage`` where the runtime reports it). An ERROR raises its typed exception, and so do
-        chunks lost in a reset connection. Give exactly one of ``prompt`` and ``messages`` (a chat).
-        Leaving the loop early cancels the request."""
+        """Submit a request and yield its broker messages in the shape of protocol v1: ACCEPTED
+        (``epoch``, ``join``: from whichever reply first carried them), each CHUNK (the last one, which
+        v2 carries in DONE, with its ``finish_reason``), then DONE (with ``usage`` where the runtime
+        reports it). An ERROR raises its typed exception, and so do chunks lost in a reset connection.
+        Give exactly one of ``prompt`` and ``messages`` (a chat). Leaving the loop early cancels the
+        request."""
+        async with contextlib.aclosing(self._replies(deployment, prompt, messages, priority, deadline_ms, affinity,
+                                                     params or {})) as replies:
+            async for command, body in replies:
+                if "epoch" in body:
+                    yield P.ACCEPTED, {"id": body["id"], "epoch": body.pop("epoch"), "join": body.pop("join", "")}
+                if command == P.DONE and "text" in body:
+                    yield P.CHUNK, {"id": body["id"], "index": body.pop("index"), "text": body.pop("text"),
+                                    "finish_reason": body.get("finish_reason")}
+                if command != P.ACCEPTED:
+                    yield command, body
+
+    async def _replies(self, deployment: str, prompt: str | None, messages: list | None, priority: int | None,
+                       deadline_ms: int | None, affinity: str | None,
+                       params: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict[str, Any]]]:
+        """Submit a request and yield its replies as they come (protocol v2), up to its DONE: an ERROR
+        raises its typed exception, and so do chunks lost in a reset connection. Closing it early
+        cancels the request."""
         self._ensure_reader()
         cid = next(self._ids)
         frames = P.encode(P.CLIENT, P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms,
-                                                             affinity, params or {}, messages))
+                                                             affinity, params, messages))
         if len(frames[2]) > MIN_MESSAGE_LIMIT:
             if self._limit is None:
                 self._limit = (await self.ping()).get("max_message_bytes", DEFAULT_MESSAGE_LIMIT)
             _checked_size(frames[2], self._limit)
-        box = self._inbox[cid] = asyncio.Queue()
+        waiting = self._inbox[cid] = _Inbox()
         tracker = _Tracker(deadline_ms, self.liveness_s, self.answer_timeout_s)
         finished = False
         epoch = None
@@ -594,8 +641,8 @@ class AsyncClient:
             self._queue(frames)
             while True:
                 try:
-                    command, body = await _next(box, tracker.wait_s(time.monotonic()) or 1e-3)
-                except asyncio.TimeoutError:
+                    command, body = await self._next(waiting, tracker.wait_s(time.monotonic()) or 1e-3)
+                except TimeoutError:
                     now = time.monotonic()
                     error = tracker.timed_out(now, self.endpoint)
                     if error is not None:
@@ -604,27 +651,23 @@ class AsyncClient:
                         raise error from None
                     if not tracker.accepted:
                         continue
-                    await self._send(P.PING, {"id": cid})
+                    self._send(P.PING, {"id": cid})
                     tracker.ping_sent = now
                     continue
                 tracker.heard(time.monotonic())
-                if command == P.ACCEPTED:
+                if not tracker.accepted and "epoch" in body:  # the first reply of an accepted request
                     tracker.accepted = True
-                    epoch = body.get("epoch")
-                    yield command, body
-                elif command == P.CHUNK:
+                    epoch = body["epoch"]
+                if command == P.CHUNK or command == P.DONE:
                     gap = _gap(received, body)
                     if gap:
                         raise gap
+                    if command == P.DONE:
+                        finished = True
+                        yield command, body
+                        return
                     received += 1
                     yield command, body
-                elif command == P.DONE:
-                    finished = True
-                    gap = _gap(received, body)
-                    if gap:
-                        raise gap
-                    yield command, body
-                    return
                 elif command == P.ERROR:
                     finished = True
                     raise _error(body)
@@ -632,10 +675,12 @@ class AsyncClient:
                     problem = _pong_problem(body, epoch, cid)
                     if problem:
                         raise problem
+                else:  # ACCEPTED
+                    yield command, body
         finally:
             self._inbox.pop(cid, None)
             if not finished:
                 try:
-                    await self._send(P.CANCEL, {"id": cid})
+                    self._send(P.CANCEL, {"id": cid})
                 except Exception:
                     pass  # the loop is closing: the broker notices the gone client

@@ -94,6 +94,11 @@ class BrokerConfig:
     # How long the final replies owed to an unreachable client connection are kept for it to come back.
     client_hold_s: float = _opt(10.0, kind=float, expect="a number of seconds between 0 and 3600",
                                 check=lambda v: 0 <= v <= 3600)
+    # How long an accepted request may go without any reply before it gets an ACCEPTED of its own
+    # (docs/protocol.md: a request answered sooner has its acceptance in its first reply). 0 sends
+    # every ACCEPTED at once, as protocol v1 did: one more message per request.
+    accept_delay_ms: int = _opt(20, kind=int, expect="an integer between 0 and 1000",
+                                check=lambda v: 0 <= v <= 1000)
 
 
 def _is_host(text: str) -> bool:

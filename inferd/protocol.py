@@ -5,9 +5,13 @@ routing id::
 
     [channel signature, command, msgpack body]
 
-The signature names the channel and its version (``IFDC1``: client v1), so a
-peer that connects to the wrong socket, or speaks another version, gets a
-clear BAD_REQUEST instead of undefined behaviour. ``docs/protocol.md`` is the
+except the broker's replies to a client: one message carries one or more
+replies bound for it, as ``[signature, replies]`` where ``replies`` is one
+msgpack array of ``[command, body]`` pairs (one ZeroMQ message costs the broker
+a send and the client a wake-up, whatever its size; and one array costs a
+third of what a frame pair per reply did, measured for issue #10). The signature names the channel and its version (``IFDC2``: client
+v2), so a peer that connects to the wrong socket, or speaks another version,
+gets a clear BAD_REQUEST instead of undefined behaviour. ``docs/protocol.md`` is the
 normative description; this module is its single implementation, shared by
 the broker, the workers, the supervisor, the client and ``inferctl``.
 
@@ -17,15 +21,19 @@ process loop can turn any malformed input into an answer and carry on.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
-import msgpack
+import msgspec
 
 from inferd.errors import ErrorCode
 
 # Channel signatures (frame 0).
-CLIENT = b"IFDC1"      # clients <-> broker frontend
-WORKER = b"IFDW1"      # workers <-> broker backend
+CLIENT = b"IFDC2"      # clients <-> broker frontend
+CLIENT_V1 = b"IFDC1"   # the retired client protocol v1, refused with a message that says so
+V1_REFUSAL = ("this broker speaks the inferd client protocol v2 (signature IFDC2) since inferd 0.2.0; "
+              "IFDC1 (v1) is no longer served: see docs/protocol.md")
+WORKER = b"IFDW2"      # workers <-> broker backend
 CONTROL = b"IFDA1"     # inferctl <-> broker control endpoint
 SUPERVISOR = b"IFDS1"  # broker <-> supervisor link
 
@@ -40,10 +48,11 @@ DONE = b"DONE"
 ERROR = b"ERROR"
 PONG = b"PONG"
 
-# Worker -> broker (plus DONE, ERROR).
+# Worker -> broker (plus ERROR).
 READY = b"READY"
 HEARTBEAT = b"HEARTBEAT"
-CHUNKS = b"CHUNKS"            # the chunks of one or more requests, in order
+CHUNKS = b"CHUNKS"            # the chunks and successful finals of one or more requests, in order
+ATTACH = b"ATTACH"            # the engine thread's socket is up: REQUEST and CANCEL go to it
 # Broker -> worker (plus CANCEL, HEARTBEAT).
 REQUEST = b"REQUEST"
 DISCONNECT = b"DISCONNECT"
@@ -76,11 +85,16 @@ DRAIN_WORKER = b"DRAIN_WORKER"  # supervisor -> broker: stop dispatching to a wo
 WORKER_DRAINED = b"WORKER_DRAINED"  # broker -> supervisor: that worker has nothing in flight
 REMOVED = b"REMOVED"          # broker -> supervisor: a deployment removed by a reload has drained
 
+# A worker's engine thread has a socket of its own, identity "<worker id>+engine": REQUEST and CANCEL
+# go to it, and its CHUNKS, ERROR and ATTACH come from it.
+ENGINE_SUFFIX = "+engine"
+ENGINE_COMMANDS = frozenset({REQUEST, CANCEL})
+
 CLIENT_COMMANDS = frozenset({SUBMIT, CANCEL, PING})
-WORKER_COMMANDS = frozenset({READY, HEARTBEAT, CHUNKS, DONE, ERROR})
+WORKER_COMMANDS = frozenset({READY, HEARTBEAT, CHUNKS, ERROR, ATTACH})
 CONTROL_COMMANDS = frozenset({STATUS, METRICS, RESTART, REBUILD, RELOAD, SCALE, DRAIN_WORKERS})
 
-# Finish reasons carried by DONE (and by the last CHUNK when the runtime knows it is last).
+# Finish reasons carried by DONE.
 FINISH_STOP = "stop"          # the output ended on its own (end of text, a stop string)
 FINISH_LENGTH = "length"      # max_tokens reached
 
@@ -94,51 +108,85 @@ class ProtocolError(Exception):
         self.request_id = request_id
 
 
-def _no_ext(code: int, data: bytes) -> Any:
+def _no_ext(code: int, data: memoryview) -> Any:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
-def pack(body: dict[str, Any]) -> bytes:
-    return msgpack.packb(body, use_bin_type=True)
+# One encoder and one decoder for the process: msgspec's are reusable and thread-safe. The
+# decoder wants a map with string keys at the top; _check_plain looks inside for the rest.
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(dict[str, Any], ext_hook=_no_ext).decode
+_decode_any = msgspec.msgpack.Decoder(ext_hook=_no_ext).decode
+_NESTED = frozenset({dict, list, datetime.datetime})
+_PYTHON_NAMES = {"array": "list", "null": "NoneType", "None": "NoneType"}  # msgspec's names, Python's
 
 
-def _plain_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
-    """msgpack's hook for every map: string keys only, and no timestamps.
-
-    ``strict_map_key`` still admits binary keys, and the timestamp extension
-    (type -1) is decoded natively without reaching ``ext_hook``.
-    """
-    for key, value in pairs:
-        if type(key) is not str:
-            raise ValueError(f"map keys must be strings, got {type(key).__name__}")
-        _no_timestamp(value)
-    return dict(pairs)
+def pack(body: Any) -> bytes:
+    return _encode(body)
 
 
-def _no_timestamp(value: Any) -> None:
-    # Maps inside lists went through _plain_map already; only lists need walking.
-    if type(value) is msgpack.Timestamp:
-        raise ValueError("msgpack extension type -1 (timestamp) is not allowed")
-    if type(value) is list:
+def _check_plain(value: Any) -> None:
+    """String keys in every map, and no timestamp (msgspec decodes extension type -1 natively,
+    without calling ``ext_hook``)."""
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise ValueError(f"map keys must be strings, got {type(key).__name__}")
+            if type(item) in _NESTED:
+                _check_plain(item)
+    elif kind is list:
         for item in value:
-            _no_timestamp(item)
+            if type(item) in _NESTED:
+                _check_plain(item)
+    else:
+        raise ValueError("msgpack extension type -1 (timestamp) is not allowed")
 
 
 def unpack(data: bytes) -> dict[str, Any]:
     """Decode a msgpack body that must be a map with string keys and no extension types."""
     try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext,
-                               object_pairs_hook=_plain_map)
-    except Exception as exc:  # msgpack raises a zoo of types; all mean "malformed".
+        body = _decode(data)
+        for value in body.values():
+            if type(value) in _NESTED:
+                _check_plain(value)
+    except msgspec.ValidationError as exc:  # the decoder's type: not a map, or a key that is not a string
+        try:  # msgspec checks the type before the end of the data: was it msgpack at all?
+            _decode_any(data)
+        except Exception as inner:
+            raise ProtocolError(f"body is not valid msgpack ({type(inner).__name__}: {inner})") from None
+        if str(exc).startswith("Expected `object`, got `"):
+            got = str(exc)[24:].rstrip("`")
+            raise ProtocolError(f"body must be a msgpack map, got {_PYTHON_NAMES.get(got, got)}") from None
+        raise ProtocolError(f"body is not valid msgpack (map keys must be strings: {exc})") from None
+    except Exception as exc:  # malformed bytes, an extension type, a bad key deep inside
         detail = f": {exc}" if str(exc) else ""
         raise ProtocolError(f"body is not valid msgpack ({type(exc).__name__}{detail})") from None
-    if not isinstance(body, dict):
-        raise ProtocolError(f"body must be a msgpack map, got {type(body).__name__}")
     return body
 
 
 def encode(signature: bytes, command: bytes, body: dict[str, Any]) -> list[bytes]:
     return [signature, command, pack(body)]
+
+
+def encode_replies(signature: bytes, replies: list[tuple[bytes, Any]]) -> list[bytes]:
+    """One message carrying one or more replies: ``[signature, [[command, body], ...]]``."""
+    return [signature, _encode([(command.decode(), body) for command, body in replies])]
+
+
+_decode_replies = msgspec.msgpack.Decoder(list[tuple[str, dict[str, Any]]], ext_hook=_no_ext).decode
+
+
+def decode_replies(frames: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
+    """The replies of one message from the broker, ``[IFDC2, [[command, body], ...]]``, with their
+    command names as strings; :class:`ProtocolError` if it is not that."""
+    if len(frames) != 2 or frames[0] != CLIENT:
+        raise ProtocolError(f"expected 2 frames [{CLIENT.decode()}, replies], got {len(frames)} "
+                            f"starting with {frames[0][:16]!r}")
+    try:
+        return _decode_replies(frames[1])
+    except Exception as exc:
+        raise ProtocolError(f"replies are not a msgpack array of [command, body] ({exc})") from None
 
 
 def decode(signature: bytes, frames: list[bytes], commands: frozenset[bytes]) -> tuple[bytes, dict[str, Any]]:
@@ -147,6 +195,8 @@ def decode(signature: bytes, frames: list[bytes], commands: frozenset[bytes]) ->
         raise ProtocolError(f"expected 3 frames [signature, command, body], got {len(frames)}")
     sig, command, data = frames
     if sig != signature:
+        if sig == CLIENT_V1 and signature == CLIENT:
+            raise ProtocolError(V1_REFUSAL)
         raise ProtocolError(
             f"unsupported protocol signature {sig[:16]!r}; this endpoint speaks {signature.decode()}"
         )
@@ -258,10 +308,10 @@ _LOAD_FIELDS: dict[str, tuple[type | tuple[type, ...], bool]] = {
 }
 WORKER_FIELDS: dict[bytes, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     READY: {**_LOAD_FIELDS, "deployment": (str, True), "runtime": (str, False), "device": (str, False),
-            "pid": (int, True)},
+            "pid": (int, True), "generation": (int, False)},
     HEARTBEAT: {**_LOAD_FIELDS, "failure": (str, False), "reason": (str, False)},
     CHUNKS: {"worker": (str, True), "chunks": (list, True)},
-    DONE: {"worker": (str, True), "rid": (int, True), "finish_reason": (str, False), "usage": (dict, False)},
+    ATTACH: {"worker": (str, True), "generation": (int, True)},
     # ``id`` is always nil: a worker's ERROR is about the broker's ``rid``, not a client id.
     ERROR: {"worker": (str, True), "rid": (int, True), "id": (int, False), "code": (str, True),
             "message": (str, False), "details": (dict, False)},
@@ -290,22 +340,30 @@ def check_worker_message(command: bytes, body: dict[str, Any]) -> None:
             _count(body, name, 2**63 - 1, what)
         if command == READY:
             _count(body, "pid", 2**31 - 1, what)
-    elif command == DONE:
-        if body.get("finish_reason", FINISH_STOP) not in FINISH_REASONS:
-            raise ProtocolError(f"DONE: finish_reason must be one of {', '.join(sorted(FINISH_REASONS))}")
-    elif body.get("id") is not None:
+    elif command == ERROR and body.get("id") is not None:
         raise ProtocolError("ERROR: a worker's ERROR carries rid, and id must be nil")
 
 
 def chunk_problem(entry: Any) -> str | None:
-    """What is wrong with one CHUNKS entry (``[rid, text]`` or ``[rid, text, finish_reason]``), if anything."""
-    if type(entry) is not list or len(entry) not in (2, 3) or type(entry[0]) is not int:
-        return f"a chunk must be [rid, text] or [rid, text, finish_reason], got {short(entry)}"
-    if type(entry[1]) is not str:
+    """What is wrong with one CHUNKS entry, if anything.
+
+    ``[rid, text]`` is a chunk; ``[rid, text, finish_reason]`` or ``[rid, text, finish_reason, usage]``
+    is the request's successful end (its DONE), with its last chunk's text, or nil when it has none.
+    """
+    if type(entry) is not list or not 2 <= len(entry) <= 4 or type(entry[0]) is not int:
+        return f"an entry must be [rid, text] or [rid, text, finish_reason(, usage)], got {short(entry)}"
+    if type(entry[1]) is not str and (len(entry) == 2 or entry[1] is not None):
         return f"a chunk's text must be a string, got {type(entry[1]).__name__}"
-    if len(entry) == 3 and (type(entry[2]) is not str or entry[2] not in FINISH_REASONS):
-        return f"a chunk's finish_reason must be one of {', '.join(sorted(FINISH_REASONS))}, got {short(entry[2])}"
+    if len(entry) >= 3 and (type(entry[2]) is not str or entry[2] not in FINISH_REASONS):
+        return f"a finish_reason must be one of {', '.join(sorted(FINISH_REASONS))}, got {short(entry[2])}"
+    if len(entry) == 4 and entry[3] is not None and not usage_valid(entry[3]):
+        return f"usage must be {{prompt_tokens, completion_tokens}}, non-negative integers, got {short(entry[3])}"
     return None
+
+
+def usage_valid(usage: Any) -> bool:
+    return (type(usage) is dict and usage.keys() == {"prompt_tokens", "completion_tokens"}
+            and all(type(v) is int and 0 <= v < 2**63 for v in usage.values()))
 
 
 def short(value: Any, limit: int = 60) -> str:

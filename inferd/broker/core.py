@@ -9,10 +9,20 @@ and keeps the loop a thin shell (vLLM's engine core / core client split).
 The invariant this module exists to keep: every accepted request gets exactly
 one final reply (DONE or ERROR), whatever dies. All finals go through
 :meth:`BrokerCore._finish`, which refuses to send a second one.
+
+Messages are the hot path's cost, so the core sends as few as the protocol
+allows (docs/protocol.md, v2): a request's ACCEPTED goes out only if nothing
+else has answered it within ``broker.accept_delay_ms`` (otherwise its first
+reply carries ``epoch`` and ``join``). The default, 20 ms, is long enough
+that a short request's first reply comes first, and short enough that a
+client waiting on a long queue learns at once that it was accepted. And the
+replies bound for one client are collected until :meth:`BrokerCore.flush`,
+which the process loop calls once per poll burst, and leave as one message.
 """
 
 from __future__ import annotations
 
+import collections
 import heapq
 import logging
 import math
@@ -36,10 +46,15 @@ log = logging.getLogger("inferd.broker")
 # A request may be dispatched this many times: once, plus once more if its
 # first worker died before streaming anything.
 MAX_DISPATCHES = 2
+# The most replies coalesced into one message to a client: a burst's worth at 64 in flight. It keeps
+# ZeroMQ's per-connection queue (client_send_hwm messages) a bound on replies, and a slow reader
+# detectable, as in protocol v1.
+MAX_COALESCED = 64
 
 
 class Transport(Protocol):
-    def to_client(self, client: bytes, command: bytes, body: dict[str, Any]) -> None: ...
+    def to_client(self, client: bytes, replies: list[tuple[bytes, dict[str, Any]]]) -> int:
+        """Send ``replies`` to ``client`` as one message: SENT, FULL or GONE (``delivery``)."""
 
     def to_worker(self, worker: str, command: bytes, body: dict[str, Any]) -> None: ...
 
@@ -66,6 +81,7 @@ class Request:
     last_chunk_at: float = 0.0
     chunks: int = 0
     dispatches: int = 0
+    announced: bool = False       # the client knows it was accepted (an ACCEPTED, or epoch and join in a reply)
     done: bool = False            # the client has had its final reply
 
 
@@ -86,6 +102,8 @@ class WorkerRecord:
     failure: str | None = None    # what it reported in band before going down
     runner: dict[str, Any] = field(default_factory=dict)  # the runtime's own load report
     draining: bool = False        # no new work: a reload, scale-down or `inferctl drain` retires it
+    generation: int = 0           # its registration (READY); its engine's ATTACH must name the same
+    attached: bool = False        # its engine's socket is up for this registration: REQUESTs can reach it
     # Kept as plain attributes, not properties: a routing policy reads them for every worker
     # of the pool on every dispatch. recount() after any change to requests, credits or state.
     outstanding: int = 0
@@ -97,8 +115,8 @@ class WorkerRecord:
 
     @property
     def serving(self) -> bool:
-        """Ready and not being drained: a routing policy may give it work."""
-        return self.state == "ready" and not self.draining
+        """Ready, its engine attached, and not being drained: a routing policy may give it work."""
+        return self.state == "ready" and self.attached and not self.draining
 
     def hold(self, req: Request) -> None:
         self.requests[req.rid] = req
@@ -175,12 +193,19 @@ class BrokerCore:
         # Client connections that cannot take replies now, with what they are owed (``delivery``).
         self.held: dict[bytes, HeldClient] = {}
         self._to_cut: list[bytes] = []
+        # Replies collected for each client since the last flush(): (command, body, owed).
+        self._outgoing: dict[bytes, list[tuple[bytes, dict[str, Any], bool]]] = {}
+        # Accepted requests in arrival order, with when an ACCEPTED of their own is due.
+        self._unannounced: collections.deque[tuple[float, Request]] = collections.deque()
+        self._accept_delay_s = config.broker.accept_delay_ms / 1000
         self._hold_s = config.broker.client_hold_s
         self._peer_log = RateLimitedLog(log, clock=clock)
         # Reload, scale and drain (inferd.broker.reconfigure): deployments removed by a reload,
         # draining until their deadline, and workers draining for the supervisor.
         self.retiring: dict[str, tuple[Deployment, float]] = {}
         self.draining_workers: dict[str, float] = {}   # worker id -> deadline
+        # Worker id -> the generation of its engine's last ATTACH, which may arrive before its READY.
+        self._attached: dict[str, int] = {}
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -294,12 +319,27 @@ class BrokerCore:
                 victim.cid, ErrorCode.BACKPRESSURE,
                 f"evicted from the full queue of {dep.name!r} by a more urgent request",
                 {"retry_after_ms": self._retry_hint(dep, victim.priority)}), "rejected_backpressure")
-        # The REQUEST goes out before the ACCEPTED: the worker starts sooner, and
-        # the ACCEPTED still precedes every CHUNK, since this loop handles the
-        # worker's reply only after this handler returns.
+        if self._accept_delay_s:
+            self._unannounced.append((now + self._accept_delay_s, req))
+        else:
+            self._to_client(client, P.ACCEPTED, self._announce(req, {"id": cid}), owed=True)
         self._dispatch(dep)
-        self._to_client(client, P.ACCEPTED, {
-            "id": cid, "epoch": self.epoch, "join": dep.spec.chunk_joiner}, owed=True)
+
+    def _announce(self, req: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """The first reply to an accepted request carries its acceptance: ``epoch`` and ``join``."""
+        if not req.announced:
+            req.announced = True
+            body["epoch"] = self.epoch
+            body["join"] = req.deployment.spec.chunk_joiner
+        return body
+
+    def _announce_due(self, now: float) -> None:
+        """An ACCEPTED for each request that nothing else has answered within accept_delay_ms."""
+        pending = self._unannounced
+        while pending and pending[0][0] <= now:
+            req = pending.popleft()[1]
+            if not req.announced and not req.done:
+                self._to_client(req.client, P.ACCEPTED, self._announce(req, {"id": req.cid}), owed=True)
 
     def _track_deadline(self, req: Request) -> None:
         """Add the request to the deadline heap, keeping the heap bounded.
@@ -330,28 +370,48 @@ class BrokerCore:
     # --- delivery to clients -----------------------------------------------------------------
 
     def _to_client(self, client: bytes, command: bytes, body: dict[str, Any], owed: bool = False) -> None:
-        """Send to a client, or hold the reply if its connection cannot take it (``delivery``).
+        """Queue a reply for the client's next message (:meth:`flush`), or hold it if its connection
+        cannot take replies now (``delivery``).
 
         ``owed`` marks what an accepted request is promised: its ACCEPTED and its final.
         """
         held = self.held.get(client)
         if held is None:
-            status = self.transport.to_client(client, command, body)
-            if not status:
-                return
-            held = self._hold(client, status)
+            replies = self._outgoing.get(client)
+            if replies is None:
+                self._outgoing[client] = [(command, body, owed)]
+            else:
+                replies.append((command, body, owed))
+                if len(replies) >= MAX_COALESCED:
+                    del self._outgoing[client]
+                    self._send(client, replies)
+        else:
+            self._keep(client, held, command, body, owed)
+
+    def _keep(self, client: bytes, held: HeldClient, command: bytes, body: dict[str, Any], owed: bool) -> None:
         if held.keep(command, body, owed):
             self._to_cut.append(client)
             self._peer_log.warning("client %s reads too slowly: ending its requests and holding their finals",
                                    client.hex()[:32])
 
-    def _hold(self, client: bytes, reason: int) -> HeldClient:
-        held = HeldClient(reason, self.config.broker.client_send_hwm, self._cut_error)
-        held.set_reason(reason, self.clock(), self._hold_s)
-        self.held[client] = held
-        if reason == GONE:
-            self._cut_now(client, held)
-        return held
+    def flush(self) -> None:
+        """Send each client the replies collected for it, as one message; hold those that cannot go."""
+        if not self._outgoing:
+            return
+        outgoing, self._outgoing = self._outgoing, {}
+        for client, replies in outgoing.items():
+            self._send(client, replies)
+
+    def _send(self, client: bytes, replies: list[tuple[bytes, dict[str, Any], bool]]) -> None:
+        status = self.transport.to_client(client, [(command, body) for command, body, _ in replies])
+        if status:
+            held = HeldClient(status, self.config.broker.client_send_hwm, self._cut_error)
+            held.set_reason(status, self.clock(), self._hold_s)
+            self.held[client] = held
+            for command, body, owed in replies:
+                self._keep(client, held, command, body, owed)
+            if status == GONE and not held.cut:
+                self._cut_now(client, held)
 
     def _cut_now(self, client: bytes, held: HeldClient) -> None:
         held.start_cut()
@@ -384,7 +444,7 @@ class BrokerCore:
         status = SENT
         while held.replies:
             command, body, _ = held.replies[0]
-            status = self.transport.to_client(client, command, body) or SENT
+            status = self.transport.to_client(client, [(command, body)]) or SENT
             if status:
                 break
             held.sent_first()
@@ -405,7 +465,8 @@ class BrokerCore:
     # --- workers ---------------------------------------------------------------------------
 
     def on_worker(self, identity: bytes, frames: list[bytes]) -> None:
-        wid = identity.decode(errors="replace")
+        # A worker has two sockets: its main thread's (identity: the worker id) and its engine's.
+        wid = identity.decode(errors="replace").removesuffix(P.ENGINE_SUFFIX)
         try:
             command, body = P.decode(P.WORKER, frames, P.WORKER_COMMANDS)
         except P.ProtocolError as exc:
@@ -420,7 +481,7 @@ class BrokerCore:
             P.check_worker_message(command, body)
         except P.ProtocolError as exc:
             self._peer_log.warning("worker %s sent a malformed %s: %s", wid[:64], command.decode(), exc.reason)
-            if worker is not None and command in (P.DONE, P.ERROR):
+            if worker is not None and command == P.ERROR:
                 # A final we cannot read is still a final: its request must not wait for a
                 # watchdog that may never fire.
                 worker.last_seen = self.clock()
@@ -428,6 +489,8 @@ class BrokerCore:
             return
         if command == P.READY:
             return self._register(wid, body)
+        if command == P.ATTACH:
+            return self._attach(wid, worker, body["generation"])
         if worker is None:
             # A worker we do not know (we restarted, or it was declared dead): make it re-register.
             self.transport.to_worker(wid, P.DISCONNECT, {"reason": "not registered"})
@@ -437,7 +500,8 @@ class BrokerCore:
             self._update_load(worker, body)
             return
         if command == P.CHUNKS:
-            self._chunks(worker, body["chunks"])
+            if self._chunks(worker, body["chunks"]):
+                self._dispatch(worker.deployment)
             return
         req = worker.requests.get(body["rid"])
         if req is None:
@@ -445,7 +509,7 @@ class BrokerCore:
         worker.last_progress = worker.last_seen
         worker.release(req.rid)
         req.worker = None
-        self._worker_final(req, command, body)
+        self._worker_final(req, body)
         self._dispatch(worker.deployment)
 
     def _malformed_output(self, worker: WorkerRecord, rid: Any, why: str, *, final: bool) -> None:
@@ -484,7 +548,8 @@ class BrokerCore:
         if wid in self.workers:
             self._lose_worker(self.workers[wid], "re-registered")
         worker = WorkerRecord(wid, dep, body["pid"], body.get("device") or "?",
-                              0, "loading", self.clock())
+                              0, "loading", self.clock(), generation=body.get("generation") or 0)
+        worker.attached = self._attached.get(wid) == worker.generation
         self._apply_load(worker, body)
         self.workers[wid] = worker
         dep.workers[wid] = worker
@@ -493,6 +558,17 @@ class BrokerCore:
                  wid, dep.name, worker.device, worker.pid, worker.state, worker.credits)
         self._dispatch(dep)
         self._report_readiness()
+
+    def _attach(self, wid: str, worker: WorkerRecord | None, generation: int) -> None:
+        """The worker's engine socket is up for registration ``generation``."""
+        self._attached[wid] = generation
+        if worker is not None and worker.generation == generation and not worker.attached:
+            worker.attached = True
+            worker.last_seen = self.clock()
+            worker.recount()
+            self._sync_router(worker)
+            self._report_readiness()
+            self._dispatch(worker.deployment)
 
     def _update_load(self, worker: WorkerRecord, body: dict[str, Any]) -> None:
         if self._apply_load(worker, body):
@@ -526,49 +602,75 @@ class BrokerCore:
         worker.recount()
         return changed
 
-    def _chunks(self, worker: WorkerRecord, entries: Any) -> None:
-        """A worker's CHUNKS: ``[rid, text]`` or ``[rid, text, finish_reason]`` each."""
+    def _chunks(self, worker: WorkerRecord, entries: Any) -> bool:
+        """A worker's CHUNKS: ``[rid, text]`` each, or ``[rid, text, finish_reason(, usage)]`` for a
+        request's successful end. True if any request ended (a credit came free)."""
+        ended = False
         for entry in entries:
             problem = P.chunk_problem(entry)
             if problem:
                 self._peer_log.warning("worker %s sent a malformed chunk: %s", worker.id, problem)
                 if type(entry) is list and entry:
-                    self._malformed_output(worker, entry[0], f"CHUNKS: {problem}", final=False)
+                    # An entry with a finish_reason was meant as the request's end: the worker holds
+                    # no slot for it any more, and would not answer a CANCEL.
+                    self._malformed_output(worker, entry[0], f"CHUNKS: {problem}", final=len(entry) >= 3)
                 continue
             req = worker.requests.get(entry[0])
-            if req is None or req.done:
+            if req is None:
                 continue  # a late chunk for a request already given up on
             worker.last_progress = worker.last_seen
-            now = self.clock()
-            if not req.chunks:
-                req.first_chunk_at = now
-                req.deployment.metrics.first_chunk_ms.add((now - req.arrived) * 1000)
+            if len(entry) == 2:
+                if not req.done:
+                    index = self._count_chunk(req)
+                    self._to_client(req.client, P.CHUNK,
+                                    self._announce(req, {"id": req.cid, "index": index, "text": entry[1]}))
+                continue
+            ended = True
+            worker.release(req.rid)
+            req.worker = None
+            self._note_service(req)
+            if req.done:
+                self._retire(req, None)
+                continue
+            done = {"id": req.cid, "finish_reason": entry[2]}
+            if entry[1] is not None:  # the last chunk's text rides in DONE
+                done["index"] = self._count_chunk(req)
+                done["text"] = entry[1]
+            done["chunks"] = req.chunks
+            metrics = req.deployment.metrics
+            usage = entry[3] if len(entry) == 4 else None
+            if usage is not None:
+                done["usage"] = usage
+                metrics.prompt_tokens += usage["prompt_tokens"]
+                metrics.generated_tokens += usage["completion_tokens"]
             else:
-                req.deployment.metrics.inter_chunk_ms.add((now - req.last_chunk_at) * 1000)
-            req.last_chunk_at = now
-            out = {"id": req.cid, "index": req.chunks, "text": entry[1]}
-            if len(entry) == 3:
-                out["finish_reason"] = entry[2]
-            req.chunks += 1
-            self._to_client(req.client, P.CHUNK, out)
+                metrics.generated_tokens += req.chunks
+            self._finish(req, P.DONE, done, "completed")
+        return ended
 
-    def _worker_final(self, req: Request, command: bytes, body: dict[str, Any]) -> None:
+    def _count_chunk(self, req: Request) -> int:
+        """Account for one chunk of ``req``; returns its index."""
+        now = self.clock()
+        metrics = req.deployment.metrics
+        if not req.chunks:
+            req.first_chunk_at = now
+            metrics.first_chunk_ms.add((now - req.arrived) * 1000)
+        else:
+            metrics.inter_chunk_ms.add((now - req.last_chunk_at) * 1000)
+        req.last_chunk_at = now
+        req.chunks += 1
+        return req.chunks - 1
+
+    def _note_service(self, req: Request) -> None:
+        """The worker has answered: fold its dispatch-to-final time into the BACKPRESSURE hint."""
         dep = req.deployment
         dep.service_ms = 0.9 * dep.service_ms + 0.1 * (self.clock() - req.dispatched_at) * 1000
+
+    def _worker_final(self, req: Request, body: dict[str, Any]) -> None:
+        """A worker's ERROR for ``req``."""
+        self._note_service(req)
         if req.done:
             self._retire(req, None)
-            return
-        if command == P.DONE:
-            done = {"id": req.cid, "finish_reason": body.get("finish_reason", P.FINISH_STOP), "chunks": req.chunks}
-            usage = body.get("usage")
-            if (isinstance(usage, dict) and set(usage) == {"prompt_tokens", "completion_tokens"}
-                    and all(type(v) is int and v >= 0 for v in usage.values())):
-                done["usage"] = usage
-                dep.metrics.prompt_tokens += usage["prompt_tokens"]
-                dep.metrics.generated_tokens += usage["completion_tokens"]
-            else:
-                dep.metrics.generated_tokens += req.chunks
-            self._finish(req, P.DONE, done, "completed")
             return
         code = body.get("code")
         if code not in ErrorCode.__members__:
@@ -655,7 +757,7 @@ class BrokerCore:
         if command == P.DONE and req.client in self.held and self.held[req.client].cut:
             # Chunks of it may have been dropped since its connection was held: it did not succeed.
             command, body, counter = P.ERROR, self._cut_error(req.cid, self.held[req.client].reason), "cancelled"
-        self._to_client(req.client, command, body, owed=True)
+        self._to_client(req.client, command, self._announce(req, body), owed=True)
         m = req.deployment.metrics
         if command == P.DONE:
             m.latency_ms.add((self.clock() - req.arrived) * 1000)
@@ -688,6 +790,8 @@ class BrokerCore:
         detect silent workers, finish a drain."""
         now = self.clock()
         self._cut()
+        if self._unannounced:
+            self._announce_due(now)
         for client in [c for c, h in self.held.items() if now >= h.next_try]:
             self._flush(client, now)
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -752,6 +856,8 @@ class BrokerCore:
             when = min(when, self.clock() + 0.05)
         if self._deadlines:
             when = min(when, self._deadlines[0][0])
+        if self._unannounced:
+            when = min(when, self._unannounced[0][0])
         return max(0.0, when - self.clock())
 
     # --- supervisor link -------------------------------------------------------------------
@@ -846,6 +952,7 @@ class BrokerCore:
     def _maybe_drained(self) -> None:
         if not self._drained_sent and not any(not r.done for r in self.requests.values()):
             self._drained_sent = True
+            self.flush()  # the finals leave before the supervisor hears that there are none left
             self.transport.to_supervisor(P.DRAINED, {"failed": self._drain_failed})
 
     def shutdown(self) -> None:

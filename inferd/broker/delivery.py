@@ -14,7 +14,8 @@ Two things stop the broker from writing to a client's connection:
   Whatever was sent meanwhile is lost, so its requests are cut at once.
 
 Cutting ends each of the connection's requests with one final reply
-(``SLOW_READER`` or ``CONNECTION_RESET``) and drops their chunks. The finals,
+(``SLOW_READER`` or ``CONNECTION_RESET``) and drops their chunks (a DONE that
+carries its request's last chunk becomes that ERROR). The finals,
 and every ACCEPTED still owed, wait here in order and are retried until they
 are written: nothing owed for an accepted request is dropped while the
 connection exists. A GONE connection that has not come back after ``hold_s``
@@ -75,7 +76,7 @@ class HeldClient:
         if command == P.CHUNK:
             self.dropped_chunks += 1
         elif owed:
-            self.replies.append((command, body, True))
+            self.replies.append(self._owed_after_cut(command, body))
         elif self.others < MAX_OTHERS:
             self.others += 1
             self.replies.append((command, body, False))
@@ -92,12 +93,26 @@ class HeldClient:
         for command, body, owed in self.replies:
             if command == P.CHUNK:
                 self.dropped_chunks += 1
-            elif command == P.DONE and body["id"] in lost:
-                kept.append((P.ERROR, self.cut_error(body["id"], self.reason), True))
+            elif command == P.DONE and (body["id"] in lost or "text" in body):
+                kept.append(self._owed_after_cut(command, body))
             else:
                 kept.append((command, body, owed))
         self.replies = kept
         self.others = sum(1 for _, _, owed in kept if not owed)
+
+    def _owed_after_cut(self, command: bytes, body: dict[str, Any]) -> tuple[bytes, dict[str, Any], bool]:
+        """A final kept once the connection is cut. A DONE becomes the cut's ERROR: output of its
+        request may have been dropped (a DONE with ``text`` carries a chunk that is dropped now).
+        The acceptance it carried (``epoch``, ``join``) stays with it."""
+        if command != P.DONE:
+            return command, body, True
+        error = self.cut_error(body["id"], self.reason)
+        for name in ("epoch", "join"):
+            if name in body:
+                error[name] = body[name]
+        if "text" in body:
+            self.dropped_chunks += 1
+        return P.ERROR, error, True
 
     def sent_first(self) -> None:
         _, _, owed = self.replies.popleft()

@@ -55,10 +55,13 @@ class ZmqTransport:
         self.backend = backend
         self.link = link
 
-    def to_client(self, client: bytes, command: bytes, body: dict[str, Any]) -> int:
-        """SENT, or FULL (its queue is at client_send_hwm) or GONE (no such connection): see ``delivery``."""
+    def to_client(self, client: bytes, replies: list[tuple[bytes, dict[str, Any]]]) -> int:
+        """One message with every reply in ``replies``: SENT, or FULL (its queue is at
+        client_send_hwm) or GONE (no such connection): see ``delivery``."""
+        frames = P.encode_replies(P.CLIENT, replies)
+        frames.insert(0, client)
         try:
-            zmqio.send(self.frontend, [client, P.CLIENT, command, P.pack(body)], zmqio.DONTWAIT)
+            zmqio.send(self.frontend, frames, zmqio.DONTWAIT)
         except zmq.ZMQError as exc:
             if exc.errno == errno.EAGAIN:
                 return FULL
@@ -68,8 +71,10 @@ class ZmqTransport:
         return SENT
 
     def to_worker(self, worker: str, command: bytes, body: dict[str, Any]) -> None:
+        """To the worker's main thread, or for REQUEST and CANCEL to its engine's socket."""
+        identity = worker + P.ENGINE_SUFFIX if command in P.ENGINE_COMMANDS else worker
         try:
-            zmqio.send(self.backend, [worker.encode(), P.WORKER, command, P.pack(body)], zmqio.DONTWAIT)
+            zmqio.send(self.backend, [identity.encode(), P.WORKER, command, P.pack(body)], zmqio.DONTWAIT)
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
@@ -134,6 +139,7 @@ class Broker:
         }
         log.info("broker ready (epoch %x)", self.core.epoch)
         while not self.stopping:
+            self.core.flush()  # what the last burst produced, one message per client
             events = poller.poll(self.core.next_timeout() * 1000)
             for sock, _ in events:
                 if sock == self._wake_r:
@@ -141,6 +147,8 @@ class Broker:
                     continue
                 handler = handlers[sock]
                 for _ in range(BURST):
+                    if not zmqio.pending(sock):  # (cheaper than the zmq.Again of a failing receive)
+                        break
                     try:
                         frames = zmqio.recv(sock, zmqio.DONTWAIT)
                     except zmq.Again:
@@ -149,6 +157,7 @@ class Broker:
             self.core.tick()
         log.info("broker stopping: failing what is outstanding")
         self.core.shutdown()
+        self.core.flush()
         self.close()
 
     def _handle(self, handler: Callable[[list[bytes]], None], frames: list[bytes]) -> None:
@@ -160,7 +169,23 @@ class Broker:
             self._bug_log.error("BUG: handling a message raised; the message is dropped", exc_info=True)
 
     def _from_client(self, frames: list[bytes]) -> None:
+        if len(frames) == 4 and frames[1] == P.CLIENT_V1:
+            return self._refuse_v1(frames[0], frames[3])
         self.core.on_client(frames[0], frames[1:])
+
+    def _refuse_v1(self, client: bytes, data: bytes) -> None:
+        """A protocol v1 client gets its answer in v1's own framing, so that it can read it: an ERROR
+        BAD_REQUEST saying that the broker speaks v2, as the final reply of its request (never
+        accepted) when its id can be read."""
+        try:
+            cid = P.unpack(data).get("id")
+        except P.ProtocolError:
+            cid = None
+        body = P.error_body(cid if P.valid_request_id(cid) else None, ErrorCode.BAD_REQUEST, P.V1_REFUSAL)
+        try:
+            zmqio.send(self.frontend, [client, P.CLIENT_V1, P.ERROR, P.pack(body)], zmqio.DONTWAIT)
+        except zmq.ZMQError:
+            pass  # gone or full: it learns nothing more by waiting for this
 
     def _from_worker(self, frames: list[bytes]) -> None:
         self.core.on_worker(frames[0], frames[1:])

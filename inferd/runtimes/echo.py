@@ -53,6 +53,7 @@ def _inject(fault: str) -> None:
         raise OutOfMemoryError("injected fault: out of memory")
     if fault == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
+        threading.Event().wait()  # as after a real crash, nothing more runs (the signal may land a moment later)
     if fault == "hang":
         threading.Event().wait()
     raise RuntimeError(f"injected fault: {fault}")

@@ -1,10 +1,15 @@
-"""The engine thread: the only thread that touches the ModelRunner.
+"""The engine thread: the only thread that touches the ModelRunner, and the worker's data path.
 
-The worker's main thread owns the socket and must keep heartbeating while a
-model loads or a step runs (a long step must never look like a dead worker).
-So the runner lives here, fed through a command queue, and its outputs go
-back through a deque plus a wake-up message on an inproc socket. One wake-up
-per step, not per output, keeps the hand-off cheap.
+The worker's main thread must keep heartbeating while a model loads or a step
+runs (a long step must never look like a dead worker), so the runner lives in
+this thread. Requests reach it, and its outputs leave it, through its own
+*port* (``inferd.worker.link``: a DEALER socket of its own in the worker
+process), with no hop through the main thread: between steps the engine reads
+what the broker sent (REQUEST, CANCEL) and after each step sends all of the
+step's outputs in one message. It waits on the port for the next step's time
+or the next message. The main thread's own commands (rebuild, reset, stop)
+come through a queue, with a wake-up of the port. In-process (the unit tests),
+a :class:`LocalPort` keeps the outputs in a deque instead.
 
 The engine's ``state`` is what the worker reports: loading, warming, ready,
 rebuilding (``inferctl rebuild``: requests already running finish, requests
@@ -24,7 +29,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Protocol
 
 from inferd.errors import ErrorCode
 from inferd.failures import Failure, classify, describe
@@ -33,15 +38,58 @@ from inferd.runtimes.base import ModelRunner, Output, RequestRejected, RunReques
 
 log = logging.getLogger("inferd.worker")
 
-ADMIT, CANCEL, REBUILD, STOP, WAKE = "admit", "cancel", "rebuild", "stop", "wake"
+ADMIT, CANCEL, REBUILD, RESET, STOP = "admit", "cancel", "rebuild", "reset", "stop"
+
+
+class Port(Protocol):
+    """Where the engine thread gets work and puts outputs (all methods but ``wake`` from that thread)."""
+
+    def open(self) -> None:
+        """(Re)connect: what was sent to the previous connection is dropped."""
+
+    def poll(self, timeout: float | None) -> Iterable[tuple[str, Any]]:
+        """Wait up to ``timeout`` seconds (None: no limit) for input or a wake-up; return the
+        commands that arrived, ``(ADMIT, RunRequest)`` or ``(CANCEL, rid)``."""
+
+    def emit(self, outputs: list[Output]) -> None:
+        """Deliver one step's outputs, together."""
+
+    def wake(self) -> None:
+        """Make a :meth:`poll` under way return now; any thread may call it."""
+
+
+class LocalPort:
+    """The port of an engine driven in-process: nothing arrives but the engine's own commands, and
+    the outputs wait in ``outputs`` for whoever ``notify`` tells."""
+
+    def __init__(self, notify: Callable[[], None]):
+        self.outputs: collections.deque[list[Output]] = collections.deque()
+        self._notify = notify
+        self._woken = threading.Event()
+
+    def open(self) -> None:
+        pass
+
+    def poll(self, timeout: float | None) -> Iterable[tuple[str, Any]]:
+        if timeout != 0:
+            self._woken.wait(timeout)
+        self._woken.clear()
+        return ()
+
+    def emit(self, outputs: list[Output]) -> None:
+        self.outputs.append(outputs)
+        self._notify()
+
+    def wake(self) -> None:
+        self._woken.set()
 
 
 class Engine(threading.Thread):
-    def __init__(self, runner: ModelRunner, wake: Callable[[], None]):
+    def __init__(self, runner: ModelRunner, wake: Callable[[], None], port: Port | None = None):
         super().__init__(name="inferd-engine", daemon=True)
         self.runner = runner
         self.commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self.outputs: collections.deque[list[Output]] = collections.deque()
+        self.port = port or LocalPort(wake)
         self.state = "loading"
         self.failure: Failure | None = None   # set when the engine stops for good
         self.failure_message = ""
@@ -54,20 +102,37 @@ class Engine(threading.Thread):
         self._active: set[int] = set()
         self._rebuild_requested = False
         self._deferred: dict[int, RunRequest] = {}  # admitted while a rebuild is pending
-        runner.wake = lambda: self.commands.put((WAKE, None))
+        runner.wake = self.port.wake
 
-    # Called from the main thread.
+    @property
+    def outputs(self) -> collections.deque[list[Output]]:
+        """The outputs not yet collected, of an engine on a :class:`LocalPort`."""
+        return self.port.outputs
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    # Called from other threads: the main thread, or a test.
+    def _post(self, kind: str, arg: Any = None) -> None:
+        self.commands.put((kind, arg))
+        self.port.wake()
+
     def admit(self, request: RunRequest) -> None:
-        self.commands.put((ADMIT, request))
+        self._post(ADMIT, request)
 
     def cancel(self, rid: int) -> None:
-        self.commands.put((CANCEL, rid))
+        self._post(CANCEL, rid)
 
     def rebuild(self) -> None:
-        self.commands.put((REBUILD, None))
+        self._post(REBUILD)
+
+    def reset(self) -> None:
+        """Drop every request and reconnect the port: the worker registers anew."""
+        self._post(RESET)
 
     def stop(self) -> None:
-        self.commands.put((STOP, None))
+        self._post(STOP)
 
     # The engine thread.
     def run(self) -> None:
@@ -79,6 +144,7 @@ class Engine(threading.Thread):
             return
         log.info("ready in %.2f s on %s, %d credit(s)", time.monotonic() - started, self.runner.where,
                  self.runner.capacity)
+        self.port.open()
         self._set_state("ready")
         while True:
             try:
@@ -109,14 +175,11 @@ class Engine(threading.Thread):
 
     def _serve_once(self) -> bool:
         wait = 0.0 if self._rebuild_due() else self.runner.next_step_in()
-        if wait is None or wait > 0:
-            try:
-                command = self.commands.get(timeout=wait)
-            except queue.Empty:
-                command = None
-            if command is not None and not self._apply(command):
+        # What the broker sent, then the main thread's commands: a RESET drops what came before it.
+        for command in self.port.poll(wait if wait is None or wait > 0 else 0):
+            if not self._apply(command):
                 return False
-        while True:  # everything else already waiting, without blocking
+        while True:
             try:
                 command = self.commands.get_nowait()
             except queue.Empty:
@@ -133,6 +196,10 @@ class Engine(threading.Thread):
     def _apply(self, command: tuple[str, Any]) -> bool:
         kind, arg = command
         if kind == ADMIT:
+            if not self._rebuild_requested and len(self._active) - len(self._deferred) >= self.runner.capacity:
+                # The broker never sends more than our credits; if it does, say so rather than overcommit.
+                self._emit([Output(arg.rid, error=ErrorCode.INTERNAL, message="worker has no free credit")])
+                return True
             self._active.add(arg.rid)
             if self._rebuild_requested:
                 self._deferred[arg.rid] = arg
@@ -145,8 +212,15 @@ class Engine(threading.Thread):
                     self.runner.cancel(arg)
                     self.report = self.runner.load_report()  # the slot it freed shows at once
                 self._emit([Output(arg, error=ErrorCode.CANCELLED, message="cancelled")])
-        elif kind == WAKE:
-            pass  # the runner has outputs: the step below collects them
+        elif kind == RESET:
+            log.warning("dropping %d request(s): the worker registers anew", len(self._active))
+            for rid in self._active:
+                if rid not in self._deferred:
+                    self.runner.cancel(rid)
+            self._active.clear()
+            self._deferred.clear()
+            self.report = self.runner.load_report()
+            self.port.open()
         elif kind == REBUILD:
             if not self._rebuild_requested:
                 log.info("rebuild requested: finishing %d running request(s) first", len(self._active))
@@ -243,5 +317,4 @@ class Engine(threading.Thread):
         return failed
 
     def _emit(self, outputs: list[Output]) -> None:
-        self.outputs.append(outputs)
-        self._wake()
+        self.port.emit(outputs)

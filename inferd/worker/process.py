@@ -5,16 +5,20 @@ process's environment before the interpreter starts, so nothing here can
 initialize CUDA on the wrong device. The runtime's module (and so torch, for
 the torch runtime) is imported only after that, in :func:`main`.
 
-The main thread speaks the worker protocol and heartbeats; the engine thread
-(:mod:`inferd.worker.engine`) runs the model. When the broker goes silent or
-says DISCONNECT, the worker drops what it was doing (the broker has already
-answered those requests, or is gone), reconnects and registers again.
+The main thread registers and heartbeats (READY, HEARTBEAT, and REBUILD and
+DISCONNECT from the broker); the engine thread (:mod:`inferd.worker.engine`)
+runs the model and owns the data path on its own socket
+(:mod:`inferd.worker.link`). When the broker goes silent or says DISCONNECT,
+the worker drops what it was doing (the broker has already answered those
+requests, or is gone), reconnects and registers again, under a new
+registration ``generation`` that the engine's socket confirms with ATTACH.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -25,16 +29,13 @@ import zmq
 from inferd import exitcodes, protocol as P, runtimes, zmqio
 from inferd.config import Config
 from inferd.devices import Device, cuda_visible_devices
-from inferd.errors import ErrorCode
 from inferd.failures import EXIT_STATUS
 from inferd.paths import Endpoints
 from inferd.proc import child_signals, child_spec, die_with_parent, setup_logging
-from inferd.runtimes.base import Output, RunRequest
 from inferd.worker.engine import Engine
+from inferd.worker.link import RECONNECT_MS, EngineLink
 
 log = logging.getLogger("inferd.worker")
-
-RECONNECT_MS = 20
 
 
 class Worker:
@@ -49,8 +50,9 @@ class Worker:
         self.hb_expiry = self.hb_interval * config.broker.heartbeat_liveness
         self.ctx = zmq.Context()
         self.sock: zmq.Socket | None = None
-        self.in_flight: set[int] = set()
         self.stopping = False
+        # This process's registrations: a random start, so that no two processes' overlap.
+        self.generation = random.randrange(1 << 40)
 
         wake_endpoint = f"inproc://wake-{id(self)}"
         self.wake_rx = self.ctx.socket(zmq.PAIR)
@@ -62,7 +64,9 @@ class Worker:
         spec = runtimes.SPECS[self.deployment.runtime]
         runner = spec.load_runner_class()(self.deployment.options, devices, self.deployment.max_concurrency)
         self.capacity = runner.capacity  # the credits this worker offers when ready
-        self.engine = Engine(runner, self._wake)
+        self.link = EngineLink(self.ctx, worker_id, self.endpoint, self.max_bytes)
+        self.link.generation = self.generation
+        self.engine = Engine(runner, self._wake, self.link)
 
     def _wake(self) -> None:
         try:
@@ -90,14 +94,15 @@ class Worker:
         self._reported_state = self.engine.state
         self.send(P.READY, {"deployment": self.deployment.name, "runtime": self.deployment.runtime,
                             "device": ",".join(d.id for d in self.devices) or "-", "pid": os.getpid(),
-                            **self._load()})
+                            "generation": self.generation, **self._load()})
 
     def reconnect(self, why: str) -> None:
-        log.warning("re-registering with the broker: %s; dropping %d request(s)", why, len(self.in_flight))
-        for rid in self.in_flight:
-            self.engine.cancel(rid)
-        self.in_flight.clear()
-        self.engine.outputs.clear()  # their requests belong to a broker that has let them go
+        log.warning("re-registering with the broker: %s", why)
+        # The engine drops its requests (they belong to a broker that has let them go) and
+        # reconnects its socket, attaching it to the new registration.
+        self.generation += 1
+        self.link.generation = self.generation
+        self.engine.reset()
         self.connect()
 
     def send(self, command: bytes, body: dict[str, Any]) -> None:
@@ -113,7 +118,7 @@ class Worker:
         if progress and not ready:
             report = {**report, "progress": progress}
         return {"state": self.engine.state, "credits": self.capacity if ready else 0,
-                "in_flight": len(self.in_flight), "resumes": self.engine.resumes, "rebuilds": self.engine.rebuilds,
+                "in_flight": self.engine.in_flight, "resumes": self.engine.resumes, "rebuilds": self.engine.rebuilds,
                 "runner": report}
 
     # --- loop ------------------------------------------------------------------------------
@@ -156,8 +161,8 @@ class Worker:
     def _exit_failed(self) -> int:
         """Report the engine's failure in band, flush, and return its exit status.
 
-        The outputs (the failed requests' errors) and a last HEARTBEAT with the
-        failure go out first. Nothing here touches the device.
+        The engine thread has sent the failed requests' errors on its socket; a last
+        HEARTBEAT with the failure goes out too. Nothing here touches the device.
         """
         self._drain_wakeups()
         failure = self.engine.failure
@@ -176,70 +181,22 @@ class Worker:
                 return
             self.broker_seen = time.monotonic()
             try:
-                command, body = P.decode(P.WORKER, frames, frozenset({P.REQUEST, P.CANCEL, P.HEARTBEAT,
-                                                                      P.DISCONNECT, P.REBUILD}))
+                command, body = P.decode(P.WORKER, frames, frozenset({P.HEARTBEAT, P.DISCONNECT, P.REBUILD}))
             except P.ProtocolError as exc:
                 log.error("malformed message from the broker: %s", exc.reason)
                 continue
-            if command == P.REQUEST:
-                self._admit(body)
-            elif command == P.CANCEL:
-                self.engine.cancel(body.get("rid"))
-            elif command == P.REBUILD:
+            if command == P.REBUILD:
                 self.engine.rebuild()
             elif command == P.DISCONNECT:
                 return self.reconnect(f"the broker said DISCONNECT ({body.get('reason', '')})")
 
-    def _admit(self, body: dict[str, Any]) -> None:
-        rid = body.get("rid")
-        # A request that crossed a REBUILD on the wire is taken: the engine holds it until the rebuild is done.
-        if self.engine.state not in ("ready", "rebuilding") or len(self.in_flight) >= self.capacity:
-            # The broker never sends more than our credits; if it does, say so rather than overcommit.
-            self.send(P.ERROR, {"rid": rid, **P.error_body(None, ErrorCode.INTERNAL, "worker has no free credit")})
-            return
-        self.in_flight.add(rid)
-        deadline_ms = body.get("deadline_ms")
-        deadline = time.monotonic() + deadline_ms / 1000 if isinstance(deadline_ms, (int, float)) else None
-        self.engine.admit(RunRequest(rid, body.get("prompt") or "", body.get("params") or {},
-                                     messages=body.get("messages"), deadline=deadline))
-
     def _drain_wakeups(self) -> None:
+        """The engine changed state (or failed): the loop reports it."""
         while True:
             try:
                 self.wake_rx.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-        # One message for all of a step's chunks (a batch of 32 would be 32 messages), then the
-        # finals: a request's chunks always reach the broker before its DONE or ERROR. Past half
-        # the broker's message limit the chunks go out in several messages (UTF-8 is at most
-        # 4 bytes a character).
-        chunks: list[list[Any]] = []
-        finals: list[Output] = []
-        size = 0
-        outputs = self.engine.outputs
-        while outputs:
-            for out in outputs.popleft():
-                if out.rid not in self.in_flight:
-                    continue  # dropped at a reconnect
-                if out.text is not None:
-                    if chunks and size + 4 * len(out.text) > self.max_bytes // 2:
-                        self.send(P.CHUNKS, {"chunks": chunks})
-                        chunks, size = [], 0
-                    chunks.append([out.rid, out.text, out.finish_reason] if out.finish_reason else [out.rid, out.text])
-                    size += 4 * len(out.text) + 32
-                if out.final:
-                    self.in_flight.discard(out.rid)
-                    finals.append(out)
-        if chunks:
-            self.send(P.CHUNKS, {"chunks": chunks})
-        for out in finals:
-            if out.error is not None:
-                self.send(P.ERROR, {"rid": out.rid, **P.error_body(None, out.error, out.message, out.details)})
-            else:
-                done = {"rid": out.rid, "finish_reason": out.finish_reason}
-                if out.usage:
-                    done["usage"] = out.usage
-                self.send(P.DONE, done)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from tests.daemon import Daemon, echo_config
 
-SIG = b"IFDC1"
+SIG = b"IFDC2"
 FINALS = ("DONE", "ERROR")
 RECV_TIMEOUT = 2.0
 
@@ -39,7 +39,8 @@ def pack(obj: Any) -> bytes:
 
 
 class RawClient:
-    """A minimal client: one DEALER socket, three-frame messages, msgpack bodies."""
+    """A minimal client: one DEALER socket, three-frame requests, msgpack bodies; a reply message
+    holds one or more replies, ``[IFDC2, [[command, body], ...]]``."""
 
     def __init__(self, endpoint: str):
         self.ctx = zmq.Context.instance()
@@ -49,6 +50,8 @@ class RawClient:
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.backlog: list[Msg] = []  # messages read while waiting for something else
+        self.wire: list[Msg] = []     # replies of a message read, not yet handed out
+        self.messages = 0             # ZeroMQ messages received
 
     def close(self) -> None:
         self.sock.close(0)
@@ -71,15 +74,22 @@ class RawClient:
 
     # -- receiving ------------------------------------------------------------------------------
     def _recv_wire(self, timeout: float) -> Msg | None:
+        if self.wire:
+            return self.wire.pop(0)
         if not self.poller.poll(int(timeout * 1000)):
             return None
         frames = self.sock.recv_multipart()
-        assert len(frames) == 3, f"a reply must be exactly three frames, got {frames!r}"
+        self.messages += 1
+        assert len(frames) == 2, f"a reply message must be [signature, replies], got {frames!r}"
         assert frames[0] == SIG, f"bad reply signature {frames[0]!r}"
-        body = msgpack.unpackb(frames[2], raw=False)
-        assert isinstance(body, dict), f"reply body is not a map: {body!r}"
-        assert all(isinstance(k, str) for k in body), f"reply body has non-string keys: {body!r}"
-        return Msg(frames[1].decode("ascii"), body)
+        replies = msgpack.unpackb(frames[1], raw=False)
+        assert isinstance(replies, list) and 1 <= len(replies) <= 64, f"replies must be an array: {replies!r}"
+        for command, body in replies:
+            assert isinstance(command, str), f"a reply's command must be a string: {command!r}"
+            assert isinstance(body, dict), f"reply body is not a map: {body!r}"
+            assert all(isinstance(k, str) for k in body), f"reply body has non-string keys: {body!r}"
+            self.wire.append(Msg(command, body))
+        return self.wire.pop(0)
 
     def recv(self, timeout: float = RECV_TIMEOUT) -> Msg | None:
         """The next message (backlog first), or None after ``timeout`` seconds."""
@@ -146,27 +156,42 @@ def same_id(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def check_accepted(msg: Msg, rid: Any) -> int:
+    """Assert that ``msg`` is the first reply to an accepted request: an ACCEPTED, or a CHUNK, DONE
+    or ERROR carrying ``epoch`` and ``join``. Returns the epoch."""
+    assert same_id(msg.id, rid), msg
+    if msg.command == "ACCEPTED":
+        assert set(msg.body) == {"id", "epoch", "join"}, msg.body
+    else:
+        assert msg.command in ("CHUNK", "DONE", "ERROR"), msg
+    assert type(msg.body["epoch"]) is int, msg
+    assert msg.body["join"] == " ", msg
+    return msg.body["epoch"]
+
+
 def check_success(msgs: list[Msg], rid: Any, words: list[str], finish_reason: str = "stop") -> int:
-    """Assert one full, successful exchange for ``rid``: ACCEPTED, CHUNKs 0..n-1, one DONE. Returns the epoch."""
+    """Assert one full, successful exchange for ``rid``: its acceptance (an ACCEPTED, or in its first
+    reply), CHUNKs 0..n-1, one DONE, which carries the last chunk's text when there is one.
+    Returns the epoch."""
     assert msgs, f"nothing for {rid!r}"
-    accepted, *chunks, done = msgs
-    assert accepted.command == "ACCEPTED", msgs
-    assert same_id(accepted.id, rid)
-    assert set(accepted.body) == {"id", "epoch", "join"}, accepted.body
-    assert type(accepted.body["epoch"]) is int
-    assert accepted.body["join"] == " "
+    epoch = check_accepted(msgs[0], rid)
+    if msgs[0].command == "ACCEPTED":
+        msgs = msgs[1:]
+    assert not any("epoch" in m.body for m in msgs[1:]), msgs
+    *chunks, done = msgs
     assert [c.command for c in chunks] == ["CHUNK"] * len(chunks), msgs
-    assert [c.body["index"] for c in chunks] == list(range(len(chunks))), msgs
-    assert [c.body["text"] for c in chunks] == words, msgs
-    for c in chunks[:-1]:
-        assert c.body.get("finish_reason") is None, c.body
-    if chunks and "finish_reason" in chunks[-1].body:
-        assert chunks[-1].body["finish_reason"] == finish_reason
     assert done.command == "DONE", msgs
     assert same_id(done.id, rid)
+    texts = [c.body["text"] for c in chunks] + ([done.body["text"]] if "text" in done.body else [])
+    assert [c.body["index"] for c in chunks] == list(range(len(chunks))), msgs
+    if "text" in done.body:
+        assert done.body["index"] == len(chunks), done
+    assert texts == words, msgs
+    for c in chunks:
+        assert c.body.get("finish_reason") is None, c.body
     assert done.body["finish_reason"] == finish_reason
-    assert done.body["chunks"] == len(chunks)
-    return accepted.body["epoch"]
+    assert done.body["chunks"] == len(texts)
+    return epoch
 
 
 def only_one(msgs: list[Msg]) -> Msg:
@@ -198,8 +223,8 @@ def test_submit_streams_words_then_exactly_one_done(client):
     client.submit(1, " ".join(words))
     msgs = client.until_final(1)
     check_success(msgs, 1, words)
-    # the last chunk knows it is the last for echo: finish_reason "stop"
-    assert msgs[-2].body["finish_reason"] == "stop"
+    # echo knows its last word is the last: it rides in DONE, one message fewer
+    assert msgs[-1].body["text"] == "jumps"
     assert client.quiet(0.3) == []
 
 
@@ -207,7 +232,7 @@ def test_max_tokens_gives_length(client):
     client.submit("mt", "a b c d e f", params={"max_tokens": 2})
     msgs = client.until_final("mt")
     check_success(msgs, "mt", ["a", "b"], finish_reason="length")
-    assert msgs[-1].body == {"id": "mt", "finish_reason": "length", "chunks": 2}
+    assert msgs[-1].body == {"id": "mt", "finish_reason": "length", "index": 1, "text": "b", "chunks": 2}
     assert client.quiet(0.2) == []
 
 
@@ -235,7 +260,7 @@ def test_pipelining_many_requests_on_one_socket(client):
     epochs = set()
     for rid in ids:
         msgs = by_id[rid]
-        assert [m.command for m in msgs].count("ACCEPTED") == 1, msgs
+        assert sum("epoch" in m.body for m in msgs) == 1, msgs  # one acceptance, however it came
         assert sum(m.command in FINALS for m in msgs) == 1, msgs
         assert msgs[-1].command in FINALS, msgs
         epochs.add(check_success(msgs, rid, prompts[rid]))
@@ -315,7 +340,7 @@ def test_ids_are_per_connection(daemon):
         check_success(b.until_final("same"), "same", ["from", "b"])
         a.submit("x", "one two three four", params={"delay_ms": 100})
         accepted = a.expect()
-        assert accepted.command == "ACCEPTED" and accepted.id == "x", accepted
+        check_accepted(accepted, "x")
         b.send("CANCEL", {"id": "x"})  # not b's request: nothing happens, no answer
         assert b.quiet(0.3) == []
         check_success([accepted] + a.until_final("x"), "x", ["one", "two", "three", "four"])
@@ -369,7 +394,7 @@ def test_duplicate_id_in_flight_is_rejected_and_first_completes(client):
     words = ["a", "b", "c", "d", "e"]
     client.submit("dup", " ".join(words), params={"delay_ms": 100})
     first = client.expect()
-    assert first.command == "ACCEPTED" and first.id == "dup", first
+    check_accepted(first, "dup")
     client.submit("dup", "second request")
     # The rejection must not look like the first request's final: nil id, the id in details.
     # (The first request's chunks may arrive before it; until_final keeps them aside.)
@@ -386,7 +411,7 @@ def test_duplicate_id_in_flight_is_rejected_and_first_completes(client):
 def test_malformed_cancel_of_an_in_flight_request_is_not_its_final(client):
     client.submit("live", "a b c", params={"delay_ms": 100})
     accepted = client.expect()
-    assert accepted.command == "ACCEPTED"
+    check_accepted(accepted, "live")
     client.send("CANCEL", {"id": "live", "force": True})
     msgs = client.until_final(None)
     check_error(msgs[-1], "BAD_REQUEST", None, in_message=("force",))
@@ -397,8 +422,10 @@ def test_malformed_cancel_of_an_in_flight_request_is_not_its_final(client):
 def test_cancel_running_request(client):
     words = [f"w{i}" for i in range(40)]
     client.submit("c", " ".join(words), params={"delay_ms": 100})
-    assert client.expect().command == "ACCEPTED"
     first_chunk = client.expect()
+    check_accepted(first_chunk, "c")
+    if first_chunk.command == "ACCEPTED":
+        first_chunk = client.expect()
     assert first_chunk.command == "CHUNK" and first_chunk.body["index"] == 0, first_chunk
     client.send("CANCEL", {"id": "c"})
     msgs = client.until_final("c", timeout=2.0)
@@ -421,10 +448,56 @@ def test_cancel_queued_request(make_daemon):
         c.submit("queued", "x y z")
         c.send("CANCEL", {"id": "queued"})
         msgs = c.until_final("queued")
-        assert [m.command for m in msgs] == ["ACCEPTED", "ERROR"], msgs
+        # accepted (its own ACCEPTED, or the acceptance carried by its final), then cancelled
+        assert [m.command for m in msgs] in (["ACCEPTED", "ERROR"], ["ERROR"]), msgs
+        check_accepted(msgs[0], "queued")
         check_error(msgs[-1], "CANCELLED", "queued")
         check_success(c.until_final("run"), "run", list("abcdef"))
         assert c.quiet(0.3) == []
+
+
+def test_a_request_that_waits_gets_its_own_accepted_at_once(make_daemon):
+    daemon = make_daemon(echo_config(replicas=1, max_concurrency=1))
+    with RawClient(daemon.frontend) as c:
+        c.submit("run", "a b c d e f", params={"delay_ms": 200})
+        c.submit("queued", "x")
+        started = time.monotonic()
+        run = []
+        while (msg := c.expect()).id != "queued":
+            run.append(msg)
+        assert msg.command == "ACCEPTED" and time.monotonic() - started < 0.5, msg
+        check_accepted(msg, "queued")
+        check_success(run + c.until_final("run", timeout=5.0), "run", list("abcdef"))
+        check_success([msg] + c.until_final("queued", timeout=5.0), "queued", ["x"])
+
+
+def test_replies_are_coalesced_into_few_messages(client):
+    """Pipelined one-word requests: each gets one reply (a DONE that carries its acceptance and its
+    word), and the broker packs replies bound for the same socket into shared messages."""
+    replies = 0
+    for i in range(200):
+        client.submit(i, f"w{i}")
+    for i in range(200):
+        msgs = client.until_final(i)
+        # (a request that waited in the queue longer than the broker's accept_delay_ms has its own ACCEPTED)
+        assert [m.command for m in msgs] in (["DONE"], ["ACCEPTED", "DONE"]), msgs
+        check_success(msgs, i, [f"w{i}"])
+        replies += len(msgs)
+    assert client.messages < replies / 2, (client.messages, replies)
+
+
+def test_a_v1_client_is_told_that_the_broker_speaks_v2(client):
+    """In v1's own framing, as its request's final reply, so that a v1 client reads it."""
+    client.send_frames([b"IFDC1", b"SUBMIT", pack({"id": 1, "deployment": "echo", "prompt": "x"})])
+    assert client.poller.poll(2000)
+    signature, command, body = client.sock.recv_multipart()
+    assert (signature, command) == (b"IFDC1", b"ERROR")
+    check_error(Msg("ERROR", msgpack.unpackb(body)), "BAD_REQUEST", 1, in_message=("IFDC2", "v2"))
+    client.send_frames([b"IFDC1", b"PING", b"\xc1"])  # no readable id: nil
+    assert client.poller.poll(2000)
+    signature, command, body = client.sock.recv_multipart()
+    check_error(Msg("ERROR", msgpack.unpackb(body)), "BAD_REQUEST", None, in_message=("IFDC2",))
+    assert client.quiet(0.2) == []
 
 
 def test_cancel_unknown_id_gets_no_answer(client):
@@ -520,7 +593,7 @@ def test_oversize_message_drops_connection_and_dealer_reconnects(make_daemon):
         other_words = [f"o{i}" for i in range(6)]
         other.submit("o", " ".join(other_words), params={"delay_ms": 50})
         other_accepted = other.expect()
-        assert other_accepted.command == "ACCEPTED" and other_accepted.id == "o", other_accepted
+        check_accepted(other_accepted, "o")
         # a normal exchange first, so big's connection is known to be up
         big.submit("before", "small one")
         check_success(big.until_final("before"), "before", ["small", "one"])
@@ -564,3 +637,21 @@ def test_oversize_message_drops_connection_and_dealer_reconnects(make_daemon):
         fresh.submit("f", "fresh")
         check_success(fresh.until_final("f"), "f", ["fresh"])
     assert daemon.proc.poll() is None
+
+
+def test_the_documents_example_runs_as_printed(daemon, capsys):
+    """docs/protocol.md's example, run as it is (its endpoint pointed at this daemon)."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
+    example = doc.split("## Example", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", example, re.S)[0]
+    printed = re.findall(r"prints\n\n```\n(.*?)```", example, re.S)[0]
+    code = code.replace("ipc:///run/inferd/frontend.sock", daemon.frontend)
+    exec(compile(code, "docs/protocol.md", "exec"), {})
+    got = capsys.readouterr().out.splitlines()
+    expected = printed.splitlines()
+    # The epoch is this broker's; the rest is as printed.
+    assert [re.sub(r"'epoch': \d+", "'epoch': E", line) for line in got] == \
+        [re.sub(r"'epoch': \d+", "'epoch': E", line) for line in expected]

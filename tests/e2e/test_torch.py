@@ -120,6 +120,7 @@ class Conn:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(daemon.frontend)
+        self.unread: list[tuple[bytes, dict]] = []
 
     def close(self) -> None:
         self.sock.close(0)
@@ -131,10 +132,13 @@ class Conn:
         self.send(P.SUBMIT, {"id": cid, "deployment": deployment, "prompt": prompt, "params": params})
 
     def recv(self, timeout: float) -> tuple[bytes, dict] | None:
-        if not self.sock.poll(max(0.0, timeout) * 1000, zmq.POLLIN):
-            return None
-        return P.decode(P.CLIENT, self.sock.recv_multipart(), frozenset({P.ACCEPTED, P.CHUNK, P.DONE, P.ERROR,
-                                                                         P.PONG}))
+        """The next reply; a message from the broker holds one or more: [IFDC2, [[command, body], ...]]."""
+        if not self.unread:
+            if not self.sock.poll(max(0.0, timeout) * 1000, zmq.POLLIN):
+                return None
+            replies = P.decode_replies(self.sock.recv_multipart())
+            self.unread.extend((command.encode(), body) for command, body in replies)
+        return self.unread.pop(0)
 
     def collect(self, ids: list, timeout: float = 60, linger: float = 0.5,
                 on_final=lambda cid: None) -> dict[Any, list[tuple[bytes, dict]]]:
@@ -157,13 +161,13 @@ class Conn:
 
 
 def stream_text(messages: list[tuple[bytes, dict]]) -> tuple[str, tuple[bytes, dict]]:
-    """Check one request's messages (ACCEPTED, CHUNKs indexed 0.., exactly one final, last); (text, final)."""
-    commands = [command for command, _ in messages]
-    assert commands[0] == P.ACCEPTED, commands
+    """Check one request's messages (its acceptance first: an ACCEPTED or carried by its first reply;
+    chunks indexed 0.., the last one possibly in DONE; exactly one final, last); (text, final)."""
+    assert "epoch" in messages[0][1], messages[0]
     finals = [m for m in messages if m[0] in (P.DONE, P.ERROR)]
     assert len(finals) == 1, f"{len(finals)} final replies: {messages}"
     assert messages[-1] is finals[0], f"messages after the final reply: {messages}"
-    chunks = [body for command, body in messages if command == P.CHUNK]
+    chunks = [body for command, body in messages if command == P.CHUNK or (command == P.DONE and "text" in body)]
     assert [c["index"] for c in chunks] == list(range(len(chunks)))
     return "".join(c["text"] for c in chunks), finals[0]
 

@@ -30,7 +30,7 @@ def protocol_error(frames) -> P.ProtocolError:
 def test_encode_layout():
     frames = P.encode(P.CLIENT, P.SUBMIT, {"id": 1, "deployment": "echo", "prompt": "hi"})
     assert len(frames) == 3
-    assert frames[0] == b"IFDC1"
+    assert frames[0] == b"IFDC2"
     assert frames[1] == b"SUBMIT"
     assert msgpack.unpackb(frames[2], raw=False) == {"id": 1, "deployment": "echo", "prompt": "hi"}
 
@@ -50,9 +50,9 @@ def test_round_trip(body):
 
 
 def test_round_trip_preserves_bytes_vs_str():
-    frames = P.encode(P.WORKER, P.DONE, {"worker": "w", "text": "t", "blob": b"\x00\xff"})
+    frames = P.encode(P.WORKER, P.CHUNKS, {"worker": "w", "text": "t", "blob": b"\x00\xff"})
     command, body = P.decode(P.WORKER, frames, P.WORKER_COMMANDS)
-    assert command == P.DONE
+    assert command == P.CHUNKS
     assert body["blob"] == b"\x00\xff" and isinstance(body["blob"], bytes)
     assert body["text"] == "t" and isinstance(body["text"], str)
 
@@ -76,10 +76,10 @@ GOOD_BODY = msgpack.packb({"id": 1}, use_bin_type=True)
 
 @pytest.mark.parametrize("frames", [
     [],
-    [b"IFDC1"],
-    [b"IFDC1", b"SUBMIT"],
-    [b"IFDC1", b"SUBMIT", GOOD_BODY, b"extra"],
-    [b"routing-id", b"IFDC1", b"SUBMIT", GOOD_BODY],
+    [b"IFDC2"],
+    [b"IFDC2", b"SUBMIT"],
+    [b"IFDC2", b"SUBMIT", GOOD_BODY, b"extra"],
+    [b"routing-id", b"IFDC2", b"SUBMIT", GOOD_BODY],
 ])
 def test_wrong_frame_count(frames):
     exc = protocol_error(frames)
@@ -88,13 +88,67 @@ def test_wrong_frame_count(frames):
     assert exc.request_id is None
 
 
-@pytest.mark.parametrize("sig", [b"IFDC2", b"IFDW1", b"", b"ifdc1", b"X" * 1000])
+@pytest.mark.parametrize("sig", [b"IFDC3", b"IFDW2", b"", b"ifdc2", b"X" * 1000])
 def test_wrong_signature(sig):
     exc = protocol_error([sig, b"SUBMIT", GOOD_BODY])
     assert "unsupported protocol signature" in exc.reason
-    assert "IFDC1" in exc.reason
+    assert "IFDC2" in exc.reason
     assert len(exc.reason) < 200  # the bad signature is truncated
     assert exc.request_id is None
+
+
+def test_a_v1_client_is_told_that_the_broker_speaks_v2():
+    exc = protocol_error([b"IFDC1", b"SUBMIT", GOOD_BODY])
+    assert "protocol v2" in exc.reason and "IFDC2" in exc.reason and "IFDC1" in exc.reason
+    assert exc.request_id is None
+
+
+def test_v1_is_only_named_on_the_client_channel():
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode(P.WORKER, [b"IFDC1", P.READY, GOOD_BODY], P.WORKER_COMMANDS)
+    assert "unsupported protocol signature" in info.value.reason
+
+
+def test_replies_coalesce_into_one_message():
+    replies = [(P.CHUNK, {"id": 1, "index": 0, "text": "a"}), (P.DONE, {"id": 1, "finish_reason": "stop", "chunks": 1})]
+    frames = P.encode_replies(P.CLIENT, replies)
+    assert frames[0] == b"IFDC2" and len(frames) == 2
+    assert msgpack.unpackb(frames[1]) == [["CHUNK", {"id": 1, "index": 0, "text": "a"}],
+                                          ["DONE", {"id": 1, "finish_reason": "stop", "chunks": 1}]]
+    assert P.decode_replies(frames) == [("CHUNK", replies[0][1]), ("DONE", replies[1][1])]
+
+
+@pytest.mark.parametrize("frames", [
+    [b"IFDC2"],
+    [b"IFDC1", msgpack.packb([["DONE", {}]])],
+    [b"IFDC2", msgpack.packb({"id": 1})],
+    [b"IFDC2", msgpack.packb([["DONE"]])],
+    [b"IFDC2", msgpack.packb([[b"DONE", {}]])],
+    [b"IFDC2", msgpack.packb([["DONE", {1: 2}]])],
+    [b"IFDC2", b"\xc1"],
+])
+def test_a_malformed_reply_message_is_a_protocol_error(frames):
+    with pytest.raises(P.ProtocolError):
+        P.decode_replies(frames)
+
+
+@pytest.mark.parametrize("entry,problem", [
+    ([1, "a"], None),
+    ([1, "a", "stop"], None),
+    ([1, None, "length"], None),
+    ([1, "a", "stop", {"prompt_tokens": 3, "completion_tokens": 1}], None),
+    ([1, None], "text must be a string"),
+    ([1, "a", "later"], "finish_reason must be one of"),
+    ([1, "a", "stop", {"prompt_tokens": 3}], "usage must be"),
+    ([1, "a", "stop", {"prompt_tokens": 3, "completion_tokens": True}], "usage must be"),
+    (["1", "a"], "an entry must be"),
+    ([1], "an entry must be"),
+    ([1, "a", "stop", None, None], "an entry must be"),
+    ({"rid": 1}, "an entry must be"),
+])
+def test_chunks_entries_carry_chunks_and_ends(entry, problem):
+    found = P.chunk_problem(entry)
+    assert (found is None) if problem is None else (problem in found), found
 
 
 @pytest.mark.parametrize("data", [
@@ -105,61 +159,61 @@ def test_wrong_signature(sig):
     b"not msgpack at all \xff\xfe",
 ])
 def test_non_msgpack_body(data):
-    exc = protocol_error([b"IFDC1", b"SUBMIT", data])
+    exc = protocol_error([b"IFDC2", b"SUBMIT", data])
     assert "not valid msgpack" in exc.reason
 
 
 @pytest.mark.parametrize("value,name", [([1, 2], "list"), ("s", "str"), (5, "int"), (None, "NoneType"),
                                         (b"x", "bytes"), (1.5, "float")])
 def test_non_map_body(value, name):
-    exc = protocol_error([b"IFDC1", b"SUBMIT", msgpack.packb(value, use_bin_type=True)])
+    exc = protocol_error([b"IFDC2", b"SUBMIT", msgpack.packb(value, use_bin_type=True)])
     assert "must be a msgpack map" in exc.reason
     assert name in exc.reason
 
 
 def test_integer_keys_refused():
-    protocol_error([b"IFDC1", b"SUBMIT", msgpack.packb({1: "x"})])
+    protocol_error([b"IFDC2", b"SUBMIT", msgpack.packb({1: "x"})])
 
 
 def test_nested_integer_keys_refused():
-    protocol_error([b"IFDC1", b"SUBMIT", msgpack.packb({"params": {1: 2}})])
+    protocol_error([b"IFDC2", b"SUBMIT", msgpack.packb({"params": {1: 2}})])
 
 
 def test_binary_keys_refused():
     # The spec: "the body: a msgpack map with string keys". A bin key is not a string.
-    protocol_error([b"IFDC1", b"SUBMIT", msgpack.packb({b"id": 1}, use_bin_type=True)])
+    protocol_error([b"IFDC2", b"SUBMIT", msgpack.packb({b"id": 1}, use_bin_type=True)])
 
 
 def test_ext_type_refused():
-    exc = protocol_error([b"IFDC1", b"SUBMIT", msgpack.packb({"id": msgpack.ExtType(5, b"ab")})])
+    exc = protocol_error([b"IFDC2", b"SUBMIT", msgpack.packb({"id": msgpack.ExtType(5, b"ab")})])
     assert "extension type 5" in exc.reason
 
 
 def test_ext_type_timestamp_refused():
     # The timestamp (-1) is a msgpack extension type too; the spec refuses all of them.
-    protocol_error([b"IFDC1", b"SUBMIT", msgpack.packb({"id": msgpack.Timestamp(1, 0)})])
+    protocol_error([b"IFDC2", b"SUBMIT", msgpack.packb({"id": msgpack.Timestamp(1, 0)})])
 
 
 def test_unknown_command_carries_the_request_id():
-    exc = protocol_error([b"IFDC1", b"SUMBIT", msgpack.packb({"id": "req-7"})])
+    exc = protocol_error([b"IFDC2", b"SUMBIT", msgpack.packb({"id": "req-7"})])
     assert "unknown command" in exc.reason
     assert "SUMBIT" in exc.reason
     assert exc.request_id == "req-7"
 
 
 def test_unknown_command_without_id():
-    exc = protocol_error([b"IFDC1", b"HELLO", msgpack.packb({"x": 1})])
+    exc = protocol_error([b"IFDC2", b"HELLO", msgpack.packb({"x": 1})])
     assert exc.request_id is None
 
 
 def test_command_of_another_channel_is_unknown():
-    exc = protocol_error([b"IFDC1", b"READY", msgpack.packb({"id": 9})])
+    exc = protocol_error([b"IFDC2", b"READY", msgpack.packb({"id": 9})])
     assert exc.request_id == 9
     assert "unknown command" in exc.reason
 
 
 def test_unknown_command_name_is_truncated():
-    exc = protocol_error([b"IFDC1", b"X" * 5000, msgpack.packb({"id": 1})])
+    exc = protocol_error([b"IFDC2", b"X" * 5000, msgpack.packb({"id": 1})])
     assert len(exc.reason) < 200
 
 
