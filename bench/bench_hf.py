@@ -211,12 +211,14 @@ def report(name: str, s: Settings, daemon_runs: dict[int, list[RunFigures]], inp
     daemon = summary[top]["tokens_per_s"]
     ratios = {"generate": daemon / inproc["generate"], "generate_batch": daemon / inproc["generate_batch"],
               "runner": daemon / inproc[f"runner_{top}"]}
+    batch = inproc_runs[0]["generate_batch"]["tokens"] // s.max_tokens
     labels = {"generate": "transformers generate(), one request at a time",
-              "generate_batch": f"transformers generate_batch(), {inproc_runs[0]['generate_batch']['tokens'] // s.max_tokens} requests at once",
+              "generate_batch": f"transformers generate_batch(), {batch} requests at once",
               "runner": f"the TorchRunner in-process, {top} streams"}
     for key, label in labels.items():
         ok = ratios[key] >= TARGETS[key]
-        print(f"  at {top} streams: daemon {daemon:,.0f} tokens/s / {label} {inproc[key if key != 'runner' else f'runner_{top}']:,.0f}"
+        figure = inproc[key if key != "runner" else f"runner_{top}"]
+        print(f"  at {top} streams: daemon {daemon:,.0f} tokens/s / {label} {figure:,.0f}"
               f" = {ratios[key]:.2f}x (target >= {TARGETS[key]:g}x: {'ok' if ok else 'MISSED'})")
     cpu_ratios = cpu_report(summary, top, inproc_cpu, inproc_other)
     return {"daemon": {str(c): f for c, f in summary.items()}, "inprocess": inproc,

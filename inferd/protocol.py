@@ -9,9 +9,10 @@ except the broker's replies to a client: one message carries one or more
 replies bound for it, as ``[signature, replies]`` where ``replies`` is one
 msgpack array of ``[command, body]`` pairs (one ZeroMQ message costs the broker
 a send and the client a wake-up, whatever its size; and one array costs a
-third of what a frame pair per reply did, measured for issue #10). The signature names the channel and its version (``IFDC2``: client
-v2), so a peer that connects to the wrong socket, or speaks another version,
-gets a clear BAD_REQUEST instead of undefined behaviour. ``docs/protocol.md`` is the
+third of what a frame pair per reply did, measured for issue #10). The
+signature names the channel and its version (``IFDC2``: client v2), so a
+peer that connects to the wrong socket, or speaks another version, gets a
+clear BAD_REQUEST instead of undefined behaviour. ``docs/protocol.md`` is the
 normative description; this module is its single implementation, shared by
 the broker, the workers, the supervisor, the client and ``inferctl``.
 
