@@ -1,7 +1,6 @@
 """The gateway process: load the API keys, wait for the broker, serve HTTP until SIGTERM.
 
-It never imports torch, and it runs on uvloop (a quarter less CPU per request
-than asyncio's own loop, measured in bench_gateway's floor). It binds one TCP listener (loopback by default) and
+It never imports torch. It binds one TCP listener (loopback by default) and
 talks to the broker as an ordinary client (with CURVE keys when the frontend
 is a tcp:// one that requires them). A port it cannot bind, or an API
 key file it cannot read, is a configuration problem that a restart will not
@@ -19,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import uvloop
 import zmq.asyncio
 from aiohttp import web
 
@@ -95,8 +93,7 @@ def main() -> None:
         sys.exit(exitcodes.WORKER_UNRECOVERABLE)
     endpoints = Endpoints.for_dir(Path(spec["runtime_dir"]), spec.get("frontend"))
     try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            sys.exit(runner.run(serve(config, endpoints, keys)))
+        sys.exit(asyncio.run(serve(config, endpoints, keys)))
     except curve.CurveKeyError as exc:
         log.error("gateway.curve_client_key: %s", exc)
         sys.exit(exitcodes.WORKER_UNRECOVERABLE)
