@@ -62,47 +62,53 @@ def forwarder(frontend_endpoint: str, backend_endpoint: str) -> None:
                 peer[sock].send_multipart(frames)
 
 
-def worker(backend_endpoint: str) -> None:
+def _serve(backend_endpoint: str, answer) -> None:
+    """Receive SUBMITs and have ``answer(send, client, id, words)`` reply with ``send(client, frames)``."""
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(backend_endpoint)
 
-    def reply(client: bytes, command: str, body: dict) -> None:
-        sock.send_multipart([client, SIGNATURE, msgpack.packb([[command, body]])])
+    def send(client: bytes, frames: list[bytes]) -> None:
+        sock.send_multipart([client, *frames])
 
     while True:
         client, _signature, command, body = sock.recv_multipart()
         if command != b"SUBMIT":
             continue  # the benchmark sends nothing else
         request = msgpack.unpackb(body)
-        cid = request["id"]
-        words = request["prompt"].split()
-        for index, word in enumerate(words[:-1]):
-            reply(client, "CHUNK", {"id": cid, "index": index, "text": word})
-        reply(client, "DONE", {"id": cid, "finish_reason": "stop", "index": len(words) - 1, "text": words[-1],
-                                "chunks": len(words), "epoch": EPOCH, "join": " "})
+        answer(send, client, request["id"], request["prompt"].split())
+
+
+def _answer_v2(send, client: bytes, cid, words: list[str]) -> None:
+    """One reply per word, the last in DONE: the fewest messages a request can take."""
+    def reply(command: str, body: dict) -> None:
+        send(client, [SIGNATURE, msgpack.packb([[command, body]])])
+
+    for index, word in enumerate(words[:-1]):
+        reply("CHUNK", {"id": cid, "index": index, "text": word})
+    reply("DONE", {"id": cid, "finish_reason": "stop", "index": len(words) - 1, "text": words[-1],
+                   "chunks": len(words), "epoch": EPOCH, "join": " "})
+
+
+def _answer_v1(send, client: bytes, cid, words: list[str]) -> None:
+    """Protocol v1's messages: ACCEPTED, a CHUNK per word, DONE."""
+    def reply(command: bytes, body: dict) -> None:
+        send(client, [SIGNATURE_V1, command, msgpack.packb(body)])
+
+    reply(b"ACCEPTED", {"id": cid, "epoch": EPOCH, "join": " "})
+    for index, word in enumerate(words):
+        chunk = {"id": cid, "index": index, "text": word}
+        if index == len(words) - 1:
+            chunk["finish_reason"] = "stop"
+        reply(b"CHUNK", chunk)
+    reply(b"DONE", {"id": cid, "finish_reason": "stop", "chunks": len(words)})
+
+
+def worker(backend_endpoint: str) -> None:
+    _serve(backend_endpoint, _answer_v2)
 
 
 def worker_v1(backend_endpoint: str) -> None:
-    sock = zmq.Context().socket(zmq.DEALER)
-    sock.connect(backend_endpoint)
-
-    def reply(client: bytes, command: bytes, body: dict) -> None:
-        sock.send_multipart([client, SIGNATURE_V1, command, msgpack.packb(body)])
-
-    while True:
-        client, _signature, command, body = sock.recv_multipart()
-        if command != b"SUBMIT":
-            continue  # the benchmark sends nothing else
-        request = msgpack.unpackb(body)
-        cid = request["id"]
-        reply(client, b"ACCEPTED", {"id": cid, "epoch": EPOCH, "join": " "})
-        words = request["prompt"].split()
-        for index, word in enumerate(words):
-            chunk = {"id": cid, "index": index, "text": word}
-            if index == len(words) - 1:
-                chunk["finish_reason"] = "stop"
-            reply(client, b"CHUNK", chunk)
-        reply(client, b"DONE", {"id": cid, "finish_reason": "stop", "chunks": len(words)})
+    _serve(backend_endpoint, _answer_v1)
 
 
 def main() -> None:
