@@ -46,7 +46,7 @@ from typing import Any
 
 import zmq
 
-from inferd import __version__, exitcodes, protocol as P
+from inferd import __version__, exitcodes, protocol as P, zmqio
 from inferd.config import Config
 from inferd.devices import DeviceSource, DeviceStats, cuda_visible_devices
 from inferd.failures import Failure, describe_exit, from_exit_status
@@ -180,7 +180,7 @@ class Supervisor(LiveChanges):
         poller.register(self._wake_r, zmq.POLLIN)
         while True:
             timeout = min(1.0, max(0.0, self._next_timer() - time.monotonic()))
-            for sock, _ in poller.poll(timeout * 1000):
+            for sock, _ in poller.poll(zmqio.poll_ms(timeout)):
                 if sock is self.link:
                     self._read_link()
                 else:

@@ -10,6 +10,8 @@ that motivated this module (#10), that alone raised the broker's throughput by
 
 from __future__ import annotations
 
+import math
+
 import zmq
 from zmq.backend import Socket as _Base
 
@@ -38,10 +40,19 @@ def recv(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
     return parts
 
 
+def poll_ms(timeout_s: float | None) -> int:
+    """A wait in seconds as zmq_poll's whole milliseconds, rounded up; None waits for ever.
+
+    pyzmq truncates a float: a wait of 0.9 ms becomes a poll that returns at once,
+    so a loop waiting for a deadline under a millisecond away would spin until it.
+    """
+    return -1 if timeout_s is None else math.ceil(max(0.0, timeout_s) * 1000)
+
+
 def readable(sock: zmq.Socket, timeout_s: float) -> bool:
     """Whether a message arrives within ``timeout_s``: one zmq_poll call (``Socket.poll`` builds
     a Poller each time)."""
-    return bool(_poll([(sock, _POLLIN)], int(timeout_s * 1000)))
+    return bool(_poll([(sock, _POLLIN)], poll_ms(timeout_s)))
 
 
 def pending(sock: zmq.Socket) -> bool:

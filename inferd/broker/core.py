@@ -854,11 +854,22 @@ class BrokerCore:
             when = min(when, held.next_try)
         if self.retiring or self.draining_workers:
             when = min(when, self.clock() + 0.05)
-        if self._deadlines:
-            when = min(when, self._deadlines[0][0])
-        if self._unannounced:
-            when = min(when, self._unannounced[0][0])
+        # Entries of requests that have ended (or been announced) are dropped from the front first,
+        # so that a request answered in a millisecond costs no wake-up at its stale time later.
+        deadlines, unannounced = self._deadlines, self._unannounced
+        while deadlines and self._ended(deadlines[0][1]):
+            heapq.heappop(deadlines)
+        if deadlines:
+            when = min(when, deadlines[0][0])
+        while unannounced and (unannounced[0][1].announced or unannounced[0][1].done):
+            unannounced.popleft()
+        if unannounced:
+            when = min(when, unannounced[0][0])
         return max(0.0, when - self.clock())
+
+    def _ended(self, rid: int) -> bool:
+        req = self.requests.get(rid)
+        return req is None or req.done
 
     # --- supervisor link -------------------------------------------------------------------
 

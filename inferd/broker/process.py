@@ -140,7 +140,7 @@ class Broker:
         log.info("broker ready (epoch %x)", self.core.epoch)
         while not self.stopping:
             self.core.flush()  # what the last burst produced, one message per client
-            events = poller.poll(self.core.next_timeout() * 1000)
+            events = poller.poll(zmqio.poll_ms(self.core.next_timeout()))
             for sock, _ in events:
                 if sock == self._wake_r:
                     os.read(self._wake_r, 512)

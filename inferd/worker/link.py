@@ -18,7 +18,6 @@ go through a pipe, which any thread may write and ZeroMQ's poller can watch.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Any, Iterable
@@ -69,7 +68,7 @@ class EngineLink:
 
     def poll(self, timeout: float | None) -> Iterable[tuple[str, Any]]:
         if timeout != 0:
-            for ready, _ in zmq.zmq_poll(self._polled, -1 if timeout is None else math.ceil(timeout * 1000)):
+            for ready, _ in zmq.zmq_poll(self._polled, zmqio.poll_ms(timeout)):
                 if ready == self._wake_r:
                     os.read(self._wake_r, 4096)
         if self.sock is None:

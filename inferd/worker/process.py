@@ -140,7 +140,7 @@ class Worker:
             # A HEARTBEAT every interval even while chunks flow: it carries the load report
             # (credits, runner load, resumes), which a busy worker must keep sending.
             timeout = max(0.0, self.last_report + self.hb_interval - time.monotonic())
-            for ready, _ in poller.poll(timeout * 1000):
+            for ready, _ in poller.poll(zmqio.poll_ms(timeout)):
                 if ready is sock:
                     self._from_broker()
                 elif ready is self.wake_rx:

@@ -2128,6 +2128,19 @@ def test_a_request_answered_within_the_accept_delay_has_its_acceptance_in_its_fi
                                                        "chunks": 1, "epoch": h.core.epoch, "join": " "})]
 
 
+def test_a_request_that_ended_costs_no_wake_up_at_its_stale_accept_delay_or_deadline():
+    # Answered at once, its deferred-ACCEPTED and deadline entries are stale: the loop's next wake-up
+    # is the heartbeat, not 20 ms later for nothing (one needless wake-up per request served).
+    h = Harness(broker={"accept_delay_ms": 20}, default_deadline_ms=100)
+    h.ready("echo-0", credits=2)
+    h.submit(1, "hi")
+    rid = only(h.requests_sent(h.take()))[1]
+    assert h.core.next_timeout() == pytest.approx(0.020)
+    h.done("echo-0", rid, text="hi")
+    h.take()
+    assert h.core.next_timeout() > 0.2  # the load report (250 ms), past both stale times
+
+
 def test_a_request_not_answered_within_the_accept_delay_gets_its_own_accepted_once():
     h = Harness(broker={"accept_delay_ms": 20})
     h.ready("echo-0", credits=1)
