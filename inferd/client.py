@@ -628,8 +628,8 @@ class AsyncClient:
         params = _merge_params(params, kwargs)
         index = 0
         # aclosing: leaving this loop early must close (and so cancel) the request now, not at collection.
-        async with contextlib.aclosing(self._replies(deployment, prompt, None, priority, deadline_ms, affinity,
-                                                     params)) as replies:
+        async with contextlib.aclosing(self.request(deployment, prompt, priority=priority, deadline_ms=deadline_ms,
+                                                    affinity=affinity, params=params)) as replies:
             async for command, body in replies:
                 if command == P.CHUNK:
                     yield Chunk(body["text"], index)
@@ -640,29 +640,13 @@ class AsyncClient:
     async def request(self, deployment: str, prompt: str | None = None, *, messages: list | None = None,
                       priority: int | None = None, deadline_ms: int | None = None, affinity: str | None = None,
                       params: dict[str, Any] | None = None) -> AsyncIterator[tuple[bytes, dict[str, Any]]]:
-        """Submit a request and yield its broker messages in the shape of protocol v1: ACCEPTED
-        (``epoch``, ``join``: from whichever reply first carried them), each CHUNK (the last one, which
-        v2 carries in DONE, with its ``finish_reason``), then DONE (with ``usage`` where the runtime
-        reports it). An ERROR raises its typed exception, and so do chunks lost in a reset connection.
-        Give exactly one of ``prompt`` and ``messages`` (a chat). Leaving the loop early cancels the
-        request."""
-        async with contextlib.aclosing(self._replies(deployment, prompt, messages, priority, deadline_ms, affinity,
-                                                     params or {})) as replies:
-            async for command, body in replies:
-                if "epoch" in body:
-                    yield P.ACCEPTED, {"id": body["id"], "epoch": body.pop("epoch"), "join": body.pop("join", "")}
-                if command == P.DONE and "text" in body:
-                    yield P.CHUNK, {"id": body["id"], "index": body.pop("index"), "text": body.pop("text"),
-                                    "finish_reason": body.get("finish_reason")}
-                if command != P.ACCEPTED:
-                    yield command, body
-
-    async def _replies(self, deployment: str, prompt: str | None, messages: list | None, priority: int | None,
-                       deadline_ms: int | None, affinity: str | None,
-                       params: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict[str, Any]]]:
-        """Submit a request and yield its replies as they come (protocol v2), up to its DONE: an ERROR
-        raises its typed exception, and so do chunks lost in a reset connection. Closing it early
-        cancels the request."""
+        """Submit a request and yield its replies as the broker sends them (protocol v2, as
+        ``(command, body)``), up to its DONE: maybe an ACCEPTED, then CHUNKs, then DONE, which may carry
+        the last chunk's ``text`` and ``index``. The first reply carries ``epoch`` and ``join``. An ERROR
+        raises its typed exception, and so do chunks lost in a reset connection. Give exactly one of
+        ``prompt`` and ``messages`` (a chat). Leave it early by closing it (``contextlib.aclosing``):
+        that cancels the request."""
+        params = params or {}
         self._ensure_reader()
         cid = next(self._ids)
         frames = P.encode(P.CLIENT, P.SUBMIT, _submit_body(cid, deployment, prompt, priority, deadline_ms,

@@ -20,7 +20,7 @@ import hmac
 import itertools
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 import zmq
 import zmq.asyncio
@@ -103,8 +103,15 @@ def load_api_keys(env_value: str | None, file_path: str | None) -> frozenset[str
     return frozenset(keys)
 
 
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """``web.json_response``, encoded by msgspec (:func:`~inferd.gateway.openai_api.encode_json`)."""
+    response = web.Response(body=api.encode_json(body), status=status, headers=headers)
+    response.content_type = "application/json"
+    return response
+
+
 def error_response(error: api.ApiError) -> web.Response:
-    return web.json_response(error.body(), status=error.status, headers=error.headers)
+    return json_response(error.body(), status=error.status, headers=error.headers)
 
 
 def _from_exception(exc: errors.InferdError) -> api.ApiError:
@@ -184,27 +191,30 @@ class Gateway:
             raise api.bad_request(f"Content-Type must be application/json, got {content_type or 'none'}")
         job = api.parse_job(api.parse_json(await request.read()), chat, request.headers)
         reply = api.Reply(job)
-        messages = self.client.request(job.model, job.prompt, messages=job.messages, priority=job.priority,
-                                       deadline_ms=job.deadline_ms, params=job.params)
-        async with contextlib.aclosing(messages):
+        replies = self.client.request(job.model, job.prompt, messages=job.messages, priority=job.priority,
+                                      deadline_ms=job.deadline_ms, params=job.params)
+        async with contextlib.aclosing(replies):
             try:
-                command, body = await anext(messages)  # ACCEPTED, or the error that refused it
+                command, body = await anext(replies)  # the first reply: its acceptance, or the error refusing it
                 join = body.get("join", "")
-                command, body = await anext(messages)  # the first chunk, or DONE
+                if command == P.ACCEPTED:
+                    command, body = await anext(replies)  # the first chunk, or DONE
             except errors.InferdError as exc:
                 raise _from_exception(exc) from None
             if job.stream:
-                return await self._stream(request, reply, join, messages, command, body)
+                return await self._stream(request, reply, join, replies, command, body)
             texts = []
             while command == P.CHUNK:
-                texts.append(body.get("text", ""))
+                texts.append(body["text"])
                 try:
-                    command, body = await anext(messages)
+                    command, body = await anext(replies)
                 except errors.InferdError as exc:
                     raise _from_exception(exc) from None
-            return web.json_response(reply.whole(join.join(texts), body))
+            if "text" in body:  # DONE with the last chunk
+                texts.append(body["text"])
+            return json_response(reply.whole(join.join(texts), body))
 
-    async def _stream(self, request: web.Request, reply: api.Reply, join: str, messages: Any, command: bytes,
+    async def _stream(self, request: web.Request, reply: api.Reply, join: str, replies: Any, command: bytes,
                       body: dict[str, Any]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -213,14 +223,17 @@ class Gateway:
             out.append(api.sse(reply.delta("", first=True)))
         try:
             while command == P.CHUNK:
-                text = body.get("text", "")
-                out.append(reply.text_event(join + text if body.get("index") else text))
+                text = body["text"]
+                out.append(reply.text_event(join + text if body["index"] else text))
                 await response.write(b"".join(out))
                 out.clear()
-                command, body = await anext(messages)
+                command, body = await anext(replies)
         except errors.InferdError as exc:
             await response.write(b"".join(out) + api.sse(_from_exception(exc).body()))
             return response
+        if "text" in body:  # DONE with the last chunk
+            text = body["text"]
+            out.append(reply.text_event(join + text if body["index"] else text))
         out.append(api.sse(reply.delta("", body.get("finish_reason", P.FINISH_STOP))))
         if reply.job.include_usage:
             out.append(api.sse(reply.usage_chunk(body)))
@@ -235,29 +248,29 @@ class Gateway:
         return {"id": name, "object": "model", "created": self.started, "owned_by": "inferd"}
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list",
+        return json_response({"object": "list",
                                   "data": [self._model_row(d.name) for d in self.config.deployments]})
 
     async def model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
         if name not in {d.name for d in self.config.deployments}:
             raise api.ApiError(404, f"no deployment named {name!r}", code="model_not_found", param="model")
-        return web.json_response(self._model_row(name))
+        return json_response(self._model_row(name))
 
     async def health(self, request: web.Request) -> web.Response:
         """Liveness: this process answers, and so does the broker."""
         try:
             pong = await self.client.ping()
         except errors.InferdError as exc:
-            return web.json_response({"status": "unavailable", "error": exc.message}, status=503)
-        return web.json_response({"status": "ok", "version": __version__, "broker_epoch": pong.get("epoch")})
+            return json_response({"status": "unavailable", "error": exc.message}, status=503)
+        return json_response({"status": "ok", "version": __version__, "broker_epoch": pong.get("epoch")})
 
     async def ready(self, request: web.Request) -> web.Response:
         """Readiness: every deployment (or the one asked for) has a ready worker."""
         try:
             status = await self.control.call(P.STATUS)
         except errors.InferdError as exc:
-            return web.json_response({"ready": False, "error": exc.message}, status=503)
+            return json_response({"ready": False, "error": exc.message}, status=503)
         deployments = status.get("deployments", {})
         asked = request.query.get("deployment")
         if asked is not None:
@@ -268,7 +281,7 @@ class Gateway:
         not_ready = sorted(name for name, d in deployments.items() if d["ready"] == 0 or d["state"] == "failed")
         draining = status.get("broker", {}).get("state") == "draining"
         ok = not not_ready and not draining
-        return web.json_response({"ready": ok, "not_ready": not_ready, "draining": draining,
+        return json_response({"ready": ok, "not_ready": not_ready, "draining": draining,
                                   "deployments": deployments}, status=200 if ok else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -16,12 +16,14 @@ inferd's extensions, as body fields or headers (the header wins):
 
 from __future__ import annotations
 
-import json
+import itertools
 import math
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+import msgspec
 
 from inferd.errors import ErrorCode
 
@@ -153,10 +155,15 @@ def _header_int(headers: Mapping[str, str], name: str, low: int, high: int) -> i
     return value
 
 
+_decode_json = msgspec.json.Decoder().decode
+encode_json = msgspec.json.Encoder().encode  # compact; measured at a tenth of json.dumps's time
+
+
 def parse_json(data: bytes) -> dict[str, Any]:
+    """The body as JSON (msgspec: measured at a tenth of ``json.loads``'s time, and strict: no NaN)."""
     try:
-        body = json.loads(data)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        body = _decode_json(data)
+    except (msgspec.DecodeError, RecursionError) as exc:  # invalid UTF-8 included; nesting too deep
         raise bad_request(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise bad_request(f"the body must be a JSON object, got {type(body).__name__}")
@@ -262,6 +269,9 @@ def _messages(value: Any) -> list[dict[str, str]]:
 # --- responses --------------------------------------------------------------------------------
 
 _MARK = "\x00"  # stands for the text in a content delta's template; no other field can hold it
+# Response ids: unique within this process by the counter, across processes and restarts by the prefix.
+_ID_PREFIX = os.urandom(6).hex()
+_ids = itertools.count(1)
 
 
 class Reply:
@@ -269,7 +279,7 @@ class Reply:
 
     def __init__(self, job: Job):
         self.job = job
-        self.id = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.id = f"{'chatcmpl' if job.chat else 'cmpl'}-{_ID_PREFIX}{next(_ids):010x}"
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if job.chat else "text_completion"
         self._template: tuple[bytes, bytes] | None = None
@@ -307,9 +317,9 @@ class Reply:
         """``sse(self.delta(text))`` for a content delta, from a template: one per token, so only
         the text is encoded each time (0.5 µs against 7 µs for the whole body)."""
         if self._template is None:
-            self._template = tuple(sse(self.delta(_MARK)).split(json.dumps(_MARK).encode()))
+            self._template = tuple(sse(self.delta(_MARK)).split(encode_json(_MARK)))
         head, tail = self._template
-        return head + json.dumps(text).encode() + tail
+        return head + encode_json(text) + tail
 
     def usage_chunk(self, done: Mapping[str, Any]) -> dict[str, Any]:
         """The last event of a stream with ``stream_options.include_usage``: no choices, the usage."""
@@ -319,7 +329,7 @@ class Reply:
 
 def sse(body: Any) -> bytes:
     """One server-sent event: a ``data:`` line of compact JSON and a blank line."""
-    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + encode_json(body) + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
