@@ -249,7 +249,7 @@ class Gateway:
 
     async def models(self, request: web.Request) -> web.Response:
         return json_response({"object": "list",
-                                  "data": [self._model_row(d.name) for d in self.config.deployments]})
+                              "data": [self._model_row(d.name) for d in self.config.deployments]})
 
     async def model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
@@ -282,7 +282,7 @@ class Gateway:
         draining = status.get("broker", {}).get("state") == "draining"
         ok = not not_ready and not draining
         return json_response({"ready": ok, "not_ready": not_ready, "draining": draining,
-                                  "deployments": deployments}, status=200 if ok else 503)
+                              "deployments": deployments}, status=200 if ok else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         try:

@@ -16,7 +16,7 @@ import zmq
 
 from inferd import errors, protocol as P
 from inferd.client import SWEEP_S, AsyncClient
-from tests.daemon import free_port
+from tests.daemon import free_port, wait_for
 
 Answer = Callable[[bytes, bytes, dict[str, Any]], list[tuple[bytes, dict[str, Any]]]]
 
@@ -81,37 +81,35 @@ async def collect(client: AsyncClient, **kwargs: Any) -> list[str]:
     return [chunk.text async for chunk in client.generate("echo", "hi", **kwargs)]
 
 
-def test_a_broker_that_never_answers_gives_unavailable_after_the_answer_timeout(broker_with):
-    broker = broker_with(lambda identity, command, body: [])
+def accepted(body: dict[str, Any]) -> list[tuple[bytes, dict[str, Any]]]:
+    return [(P.ACCEPTED, {"id": body["id"], "epoch": 7, "join": " "})]
 
+
+def fails_after(broker: FakeBroker, error: type[Exception], match: str | None = None,
+                request: dict[str, Any] | None = None, **options: Any) -> float:
+    """Run one request against ``broker`` until it raises ``error``; the seconds that took."""
     async def main() -> float:
-        async with AsyncClient(broker.endpoint, answer_timeout_s=0.3) as client:
+        async with AsyncClient(broker.endpoint, **options) as client:
             started = time.monotonic()
-            with pytest.raises(errors.Unavailable, match="not accepted"):
-                await collect(client)
+            with pytest.raises(error, match=match):
+                await collect(client, **(request or {}))
             return time.monotonic() - started
 
-    elapsed = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_broker_that_never_answers_gives_unavailable_after_the_answer_timeout(broker_with):
+    broker = broker_with(lambda identity, command, body: [])
+    elapsed = fails_after(broker, errors.Unavailable, "not accepted", answer_timeout_s=0.3)
     assert 0.3 <= elapsed < 0.3 + 4 * SWEEP_S + 0.5
-    assert broker.commands()[:2] == [P.SUBMIT, P.CANCEL]  # the CANCEL in case it arrives later
+    wait_for(lambda: len(broker.received) >= 2, 2.0)
+    assert broker.commands() == [P.SUBMIT, P.CANCEL]  # the CANCEL in case it arrives later
 
 
 def test_an_accepted_request_the_broker_forgets_pings_then_fails_with_lost_contact(broker_with):
-    def answer(identity, command, body):
-        if command == P.SUBMIT:
-            return [(P.ACCEPTED, {"id": body["id"], "epoch": 7, "join": " "})]
-        return []  # PINGs unanswered
-
-    broker = broker_with(answer)
-
-    async def main() -> float:
-        async with AsyncClient(broker.endpoint, answer_timeout_s=0.3, liveness_s=0.3) as client:
-            started = time.monotonic()
-            with pytest.raises(errors.Unavailable, match="lost contact"):
-                await collect(client)
-            return time.monotonic() - started
-
-    elapsed = asyncio.run(main())
+    # PINGs unanswered
+    broker = broker_with(lambda identity, command, body: accepted(body) if command == P.SUBMIT else [])
+    elapsed = fails_after(broker, errors.Unavailable, "lost contact", answer_timeout_s=0.3, liveness_s=0.3)
     assert 0.6 <= elapsed < 0.6 + 4 * SWEEP_S + 0.5
     assert P.PING in broker.commands()
 
@@ -122,7 +120,7 @@ def test_a_slow_request_whose_broker_answers_pings_waits_for_its_chunks(broker_w
     def answer(identity, command, body):
         if command == P.SUBMIT:
             submitted.update(body, at=time.monotonic())
-            return [(P.ACCEPTED, {"id": body["id"], "epoch": 7, "join": " "})]
+            return accepted(body)
         if command == P.PING:
             if time.monotonic() - submitted["at"] < 1.0:
                 return [(P.PONG, {"id": body["id"], "epoch": 7, "in_flight": [submitted["id"]]})]
@@ -143,49 +141,29 @@ def test_a_slow_request_whose_broker_answers_pings_waits_for_its_chunks(broker_w
 def test_a_pong_from_a_restarted_broker_fails_the_request(broker_with):
     def answer(identity, command, body):
         if command == P.SUBMIT:
-            return [(P.ACCEPTED, {"id": body["id"], "epoch": 7, "join": " "})]
+            return accepted(body)
         if command == P.PING:
             return [(P.PONG, {"id": body["id"], "epoch": 8, "in_flight": []})]
         return []
 
-    broker = broker_with(answer)
-
-    async def main() -> None:
-        async with AsyncClient(broker.endpoint, answer_timeout_s=0.3, liveness_s=0.2) as client:
-            with pytest.raises(errors.Unavailable, match="restarted"):
-                await collect(client)
-
-    asyncio.run(main())
+    fails_after(broker_with(answer), errors.Unavailable, "restarted", answer_timeout_s=0.3, liveness_s=0.2)
 
 
 def test_a_request_past_its_deadline_and_grace_gives_deadline_exceeded(broker_with):
     def answer(identity, command, body):
         if command == P.SUBMIT:
-            return [(P.ACCEPTED, {"id": body["id"], "epoch": 7, "join": " "})]
+            return accepted(body)
         if command == P.PING:
             return [(P.PONG, {"id": body["id"], "epoch": 7, "in_flight": [1]})]
         return []
 
-    broker = broker_with(answer)
-
-    async def main() -> float:
-        async with AsyncClient(broker.endpoint, answer_timeout_s=5, liveness_s=0.2) as client:
-            started = time.monotonic()
-            with pytest.raises(errors.DeadlineExceeded):
-                await collect(client, deadline_ms=200)
-            return time.monotonic() - started
-
-    elapsed = asyncio.run(main())
+    elapsed = fails_after(broker_with(answer), errors.DeadlineExceeded, request={"deadline_ms": 200},
+                          answer_timeout_s=5, liveness_s=0.2)
     assert 1.2 <= elapsed < 1.2 + 4 * SWEEP_S + 0.5  # the deadline, then the client's grace (1 s)
 
 
 def test_chunks_arriving_steadily_need_no_ping(broker_with):
-    def answer(identity, command, body):
-        if command == P.SUBMIT:
-            return [(P.ACCEPTED, {"id": body["id"], "epoch": 7, "join": " "})]
-        return []
-
-    broker = broker_with(answer)
+    broker = broker_with(lambda identity, command, body: accepted(body) if command == P.SUBMIT else [])
 
     async def main() -> list[str]:
         async with AsyncClient(broker.endpoint, answer_timeout_s=0.3, liveness_s=0.25) as client:
