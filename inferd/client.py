@@ -23,8 +23,8 @@ The client never hangs on a daemon that is not there:
 * a SUBMIT that gets neither ACCEPTED nor ERROR within ``answer_timeout_s``
   (default 5 s: the broker is down or restarting) raises
   :class:`~inferd.errors.Unavailable`, after a CANCEL in case it arrives later;
-* once accepted, after ``liveness_s`` of silence it pings, and a broker that
-  does not answer, or answers with a new epoch (it restarted and lost the
+* once accepted, after ``liveness_s`` of silence (AsyncClient: up to a quarter more) it pings,
+  and a broker that does not answer, or answers with a new epoch (it restarted and lost the
   request), raises :class:`~inferd.errors.Unavailable`.
 
 A request larger than the daemon's ``max_message_bytes`` raises

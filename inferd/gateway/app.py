@@ -204,14 +204,15 @@ class Gateway:
             if job.stream:
                 return await self._stream(request, reply, join, replies, command, body)
             texts = []
-            while command == P.CHUNK:
-                texts.append(body["text"])
+            while True:
+                if "text" in body:  # a CHUNK, or the DONE that carries the last one
+                    texts.append(body["text"])
+                if command != P.CHUNK:
+                    break
                 try:
                     command, body = await anext(replies)
                 except errors.InferdError as exc:
                     raise _from_exception(exc) from None
-            if "text" in body:  # DONE with the last chunk
-                texts.append(body["text"])
             return json_response(reply.whole(join.join(texts), body))
 
     async def _stream(self, request: web.Request, reply: api.Reply, join: str, replies: Any, command: bytes,
@@ -222,18 +223,18 @@ class Gateway:
         if reply.job.chat:
             out.append(api.sse(reply.delta("", first=True)))
         try:
-            while command == P.CHUNK:
-                text = body["text"]
-                out.append(reply.text_event(join + text if body["index"] else text))
+            while True:
+                if "text" in body:  # a CHUNK, or the DONE that carries the last one
+                    text = body["text"]
+                    out.append(reply.text_event(join + text if body["index"] else text))
+                if command != P.CHUNK:
+                    break
                 await response.write(b"".join(out))
                 out.clear()
                 command, body = await anext(replies)
         except errors.InferdError as exc:
             await response.write(b"".join(out) + api.sse(_from_exception(exc).body()))
             return response
-        if "text" in body:  # DONE with the last chunk
-            text = body["text"]
-            out.append(reply.text_event(join + text if body["index"] else text))
         out.append(api.sse(reply.delta("", body.get("finish_reason", P.FINISH_STOP))))
         if reply.job.include_usage:
             out.append(api.sse(reply.usage_chunk(body)))
